@@ -6,13 +6,13 @@ Example:
 """
 
 from .mobilenet import MobileNetV1, mobilenet_v1
-from .registry import build_model, find_classifier, list_models, register_model
+from .registry import build_model, list_models, register_model
 from .resnet import BasicBlock, CifarResNet, resnet34, resnet56
 from .tiny import TinyCNN, tiny_cnn, tiny_resnet
 from .vgg import VGG, vgg13
 
 __all__ = [
     "VGG", "BasicBlock", "CifarResNet", "MobileNetV1", "TinyCNN",
-    "build_model", "find_classifier", "list_models", "mobilenet_v1", "register_model",
+    "build_model", "list_models", "mobilenet_v1", "register_model",
     "resnet34", "resnet56", "tiny_cnn", "tiny_resnet", "vgg13",
 ]

@@ -81,30 +81,3 @@ def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         )
     return _REGISTRY[name](num_classes=num_classes, **kwargs)
 
-
-def find_classifier(model: nn.Module) -> nn.Module | None:
-    """The model's final classifier (kept unpruned, as in the paper).
-
-    Looks for ``get_classifier()`` (timm), then a ``classifier``/``fc``/``head`` attribute, else the last
-    ``nn.Linear`` module.
-
-    Args:
-        model: Any classification model.
-
-    Returns:
-        The classifier module, or ``None`` when the model has no linear layer.
-
-    Example:
-        >>> find_classifier(build_model("vgg13", num_classes=10))
-        Linear(in_features=512, out_features=10, bias=True)
-    """
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-        if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
-            return head
-    for attr in ("classifier", "fc", "head"):
-        head = getattr(model, attr, None)
-        if isinstance(head, (nn.Linear, nn.Conv2d)):
-            return head
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None

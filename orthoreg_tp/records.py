@@ -1,0 +1,204 @@
+"""Run records: every run leaves a folder a person can read.
+
+``config.json`` (resolved configuration), ``epochs.csv``/``epochs.jsonl`` (one row per epoch),
+``results.json`` (one row per round), ``checkpoint.pt`` (atomic, safe to load) and ``results.png``.
+
+Example:
+    >>> record = RunRecord("/tmp/run-demo2")
+    >>> record.write_config({"model": "tiny_cnn"})
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EPOCH_FIELDS: tuple[str, ...] = (
+    "global_epoch", "stage", "phase", "round", "epoch", "lr", "regularized", "train_loss", "train_acc",
+    "test_loss", "test_acc", "penalty", "orthonormality", "params", "seconds",
+)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file in the same folder, then rename it over ``path``.
+
+    A crash leaves either the old file or the new one, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and a rename (atomic checkpoint).
+
+    Example:
+        >>> atomic_torch_save({"w": torch.zeros(2)}, "/tmp/ckpt.pt")
+        >>> safe_torch_load("/tmp/ckpt.pt")["w"]
+        tensor([0., 0.])
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(..., weights_only=True)``: tensors, containers and plain values, never pickled code."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class RunRecord:
+    """The files of one run in ``output_dir``; a disabled record (non-zero ranks) writes nothing.
+
+    Args:
+        output_dir: The run folder (created on first write).
+        enabled: Whether this process writes (only rank 0 under torchrun).
+
+    Example:
+        >>> record = RunRecord("/tmp/run-demo")
+        >>> record.log_epoch({"global_epoch": 0, "train_loss": 2.3})
+        >>> record.epochs()[0]["train_loss"]
+        2.3
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True):
+        self.dir = Path(output_dir)
+        self.enabled = enabled
+
+    @property
+    def config_path(self) -> Path:
+        """``config.json``: the resolved configuration."""
+        return self.dir / "config.json"
+
+    @property
+    def results_path(self) -> Path:
+        """``results.json``: one row per round."""
+        return self.dir / "results.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """``checkpoint.pt``: the latest resumable state."""
+        return self.dir / "checkpoint.pt"
+
+    @property
+    def plot_path(self) -> Path:
+        """``results.png``: accuracy against pruned % and MACs."""
+        return self.dir / "results.png"
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """Write ``config.json``."""
+        if self.enabled:
+            atomic_write_json(self.config_path, dict(config))
+
+    def log_epoch(self, row: Mapping[str, Any]) -> None:
+        """Append one row to ``epochs.jsonl`` and ``epochs.csv`` (columns :data:`EPOCH_FIELDS`)."""
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "epochs.jsonl", "a") as f:
+            f.write(json.dumps(dict(row)) + "\n")
+        csv_path = self.dir / "epochs.csv"
+        new = not csv_path.exists()
+        with open(csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=EPOCH_FIELDS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(dict(row))
+
+    def epochs(self) -> list[dict[str, Any]]:
+        """The rows of ``epochs.jsonl`` (empty if none)."""
+        path = self.dir / "epochs.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_epochs(self, count: int) -> None:
+        """Keep only the first ``count`` epoch rows (on resume: drop epochs logged after the checkpoint)."""
+        if not self.enabled:
+            return
+        rows = self.epochs()[:count]
+        atomic_write_bytes(self.dir / "epochs.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=EPOCH_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(self.dir / "epochs.csv", text.getvalue().encode())
+
+    def write_results(self, results: Mapping[str, Any]) -> None:
+        """Atomically write ``results.json``."""
+        if self.enabled:
+            atomic_write_json(self.results_path, dict(results))
+
+    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Atomically write ``checkpoint.pt`` (load it with :func:`safe_torch_load`)."""
+        if self.enabled:
+            atomic_torch_save(dict(state), self.checkpoint_path)
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a run's ``results.json`` (``path`` is the file or its run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results.json at {str(path)!r}")
+    return json.loads(path.read_text())
+
+
+def plot_results(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: str | os.PathLike,
+                 *, title: str = "") -> None:
+    """Plot test accuracy against pruned % and against MACs, one line per run.
+
+    Args:
+        runs: ``(label, rows)`` pairs; rows need ``pruned_pct``, ``macs`` and ``test_acc``.
+        path: Where to write the PNG (atomically).
+        title: Figure title.
+
+    Example:
+        >>> plot_results([("orthoreg", [{"pruned_pct": 0, "macs": 1e6, "test_acc": 90.0}])], "/tmp/p.png")
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for label, rows in runs:
+        rows = sorted(rows, key=lambda r: r["pruned_pct"])
+        acc = [r["test_acc"] for r in rows]
+        axes[0].plot([r["pruned_pct"] for r in rows], acc, marker="o", label=label)
+        axes[1].plot([r["macs"] / 1e6 for r in rows], acc, marker="o", label=label)
+    axes[0].set_xlabel("filters pruned (%)")
+    axes[1].set_xlabel("MACs (M)")
+    for ax in axes:
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
