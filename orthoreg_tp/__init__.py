@@ -1,0 +1,39 @@
+"""orthoreg_tp: OrthoReg filter pruning (arXiv 2009.05014) for torch-pruning.
+
+Example:
+    >>> import torch_pruning as tp
+    >>> from orthoreg_tp import OrthoRegImportance, OrthoRegularizer
+    >>> reg = OrthoRegularizer(model, coefficient=1e-2)  # doctest: +SKIP
+    >>> imp = OrthoRegImportance(); imp.accumulate(model, loader)  # doctest: +SKIP
+"""
+
+from .baselines import GraSPImportance, RDTImportance, TFOImportance
+from .functional import cumulative_schedule, paper_schedule
+from .grouping import along, register_param_slices
+from .importance import AccumulatingImportance, FisherImportance, OrthoRegImportance
+from .metrics import filter_correlations, layer_widths, mean_orthonormality, orthonormality, prunable_channels
+from .pruner import OrthoRegPruner
+from .regularizer import OrthoRegularizer, find_classifier
+
+__all__ = [
+    "AccumulatingImportance",
+    "FisherImportance",
+    "GraSPImportance",
+    "OrthoRegImportance",
+    "OrthoRegPruner",
+    "OrthoRegularizer",
+    "RDTImportance",
+    "TFOImportance",
+    "along",
+    "cumulative_schedule",
+    "filter_correlations",
+    "find_classifier",
+    "layer_widths",
+    "mean_orthonormality",
+    "orthonormality",
+    "paper_schedule",
+    "prunable_channels",
+    "register_param_slices",
+]
+
+__version__ = "0.1.0"

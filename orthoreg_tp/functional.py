@@ -51,9 +51,7 @@ def is_depthwise(weight: Tensor, groups: int, transposed: bool = False) -> bool:
     return in_per_group == 1
 
 
-def filter_matrix(
-    weight: Tensor, bias: Tensor | None = None, *, groups: int = 1, transposed: bool = False
-) -> Tensor:
+def filter_matrix(weight: Tensor, bias: Tensor | None = None, *, groups: int = 1, transposed: bool = False) -> Tensor:
     """View a layer's parameters as blocks with one row per output filter.
 
     Differentiable (only reshapes, permutes and a concatenation), so autograd through it is the reference
