@@ -43,13 +43,14 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+def build_model(name: str, num_classes: int, *, in_chans: int = 3, **kwargs) -> nn.Module:
     """Build a model with random weights.
 
     Args:
         name: A registered name (see :func:`list_models`), ``"timm:NAME"`` or ``"torchvision:NAME"``.
         num_classes: Number of output classes.
-        **kwargs: Forwarded to the model factory (e.g. ``in_chans`` for the registered models and timm).
+        in_chans: Input channels (torchvision models take 3 only).
+        **kwargs: Forwarded to the model factory.
 
     Returns:
         The model, in train mode.
@@ -67,17 +68,19 @@ def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         arch = name.split(":", 1)[1]
         if not timm.is_model(arch):
             raise ValueError(f"unknown timm model, got {arch!r}")
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if name.startswith("torchvision:"):
         import torchvision
 
         arch = name.split(":", 1)[1]
         if arch not in torchvision.models.list_models():
             raise ValueError(f"unknown torchvision model, got {arch!r}")
+        if in_chans != 3:
+            raise ValueError(f"torchvision models take 3 input channels, got in_chans={in_chans!r}")
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown model, got {name!r}; choose one of {list_models()} or prefix 'timm:' / 'torchvision:'"
         )
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    return _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
 
