@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -418,7 +419,9 @@ def _resolve_groups(
         if spec is None:
             head = find_classifier(model)
             ignored = [head] if head is not None else []
-            for group in dependency_graph().get_all_groups(ignored_layers=ignored, root_module_types=_CONSUMERS):
+            order = {m: i for i, m in enumerate(modules.values())}
+            found = dependency_graph().get_all_groups(ignored_layers=ignored, root_module_types=_CONSUMERS)
+            for group in sorted(found, key=lambda g: order.get(g[0].dep.target.module, len(order))):
                 out.append((names.get(group[0].dep.target.module, "?"), group))
             continue
         if _is_group(spec):
@@ -516,7 +519,7 @@ def additivity(
         num_samples: Held samples to measure on (default: all of ``data``).
         measure_singles: Also measure single-channel removals (the ``additive_*`` statistics).
         loss_fn: ``loss_fn(output, target) -> mean loss``.
-        seed: Seed of the group draws.
+        seed: Seed of the group draws (each layer's draws depend only on the seed and the layer's name).
         example_inputs: Inputs for tracing the dependency graph (default: two samples of ``data``).
 
     Returns:
@@ -550,10 +553,9 @@ def additivity(
         model.eval()
         count = sum(int(y.shape[0]) for _, y in batches)
         base = mean_loss(model, batches, loss_fn=loss_fn)
-        generator = torch.Generator().manual_seed(seed)
         layers = [
             _measure_layer(model, batches, name, group, imp, group_size, num_groups, measure_singles, loss_fn, base,
-                           generator)
+                           _layer_generator(seed, name))
             for name, group in groups
         ]
     finally:
@@ -565,6 +567,11 @@ def additivity(
         singles = torch.tensor([v for entry in layers for v in entry.singles], dtype=torch.float64)
     overall = AdditivityStats.compute(pooled[0], pooled[1], singles)
     return AdditivityResult(base_loss=base, num_samples=count, layers=layers, overall=overall)
+
+
+def _layer_generator(seed: int, name: str) -> torch.Generator:
+    """A generator per layer, so a layer's draws do not depend on which other layers are measured."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
 
 
 def _measure_layer(
