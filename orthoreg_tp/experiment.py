@@ -1,0 +1,342 @@
+"""The engine the recipes drive: data, model, training phases, pruning steps and records, all resumable.
+
+A recipe is a straight-line sequence of *stages* (``train``, ``prune``, ``record_round``). Every stage ends
+with an atomic checkpoint; training stages also checkpoint after every epoch. With ``--resume``, the recipe
+runs the same sequence again: stages the checkpoint already holds are skipped, the interrupted one continues
+from its last completed epoch, so ``results.json`` gets exactly the rows of an uninterrupted run.
+
+Example:
+    >>> with Experiment(RecipeConfig(output_dir="/tmp/demo").resolved()) as exp:  # doctest: +SKIP
+    ...     exp.train("base")
+    ...     exp.record_round(0, target=0.0)
+    ...     exp.prune(ratio=0.5, round_index=1)
+    ...     exp.train("retrain", round_index=1)
+    ...     exp.record_round(1, target=0.5)
+    ...     results = exp.finish()
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .config import RecipeConfig
+from .data import DataUnavailableError, build_datasets
+from .distributed import ShardSampler, barrier, cleanup_distributed, init_distributed, train_sampler, wrap_ddp
+from .methods import build_importance, feed_importance_, get_method
+from .metrics import layer_widths, mean_orthonormality
+from .models import build_model
+from .pruning import count_macs_params, prune_step_, replay_pruning_, save_pruned_model, uses_adapters
+from .records import RunRecord, plot_results, safe_torch_load
+from .regularizer import OrthoRegularizer, find_classifier
+from .training import build_optimizer, evaluate, set_lr, train_one_epoch
+
+logger = logging.getLogger(__name__)
+
+# Fields that may differ between a run and its resumption (they do not change the results).
+_RESUME_FREE = ("output_dir", "resume", "device", "progress", "workers", "threads")
+
+
+class Experiment:
+    """One recipe run: builds everything from a resolved :class:`~orthoreg_tp.config.RecipeConfig`.
+
+    Validation happens before anything is written: a bad option, missing data or an output folder that
+    already holds a run (without ``resume``) raises and leaves no files behind.
+
+    Args:
+        cfg: A resolved config (:meth:`RecipeConfig.resolved`).
+
+    Raises:
+        ValueError: Bad options, or ``output_dir`` holds another run.
+        DataUnavailableError: The dataset is not on disk and cannot be downloaded.
+    """
+
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg = cfg
+        self.record = RunRecord(cfg.output_dir)
+        if not cfg.resume and (self.record.checkpoint_path.exists() or self.record.results_path.exists()):
+            raise ValueError(f"output dir {cfg.output_dir!r} already holds a run; pass --resume to continue it "
+                             "or choose another --output-dir")
+        self.method = get_method(cfg.method)
+        train_set, test_set, self.data_info = build_datasets(
+            cfg.dataset, data_path=cfg.data_path, image_size=cfg.image_size, in_chans=cfg.in_chans,
+            download=cfg.download)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.env = init_distributed(cfg.device)
+        self.record.enabled = self.env.is_main
+        self.device = self.env.device
+        self.amp = cfg.amp and self.device.type == "cuda"
+        if cfg.amp and not self.amp:
+            logger.warning("--amp needs CUDA; training in float32 on %s", self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self._seed(0)
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                       sampler=train_sampler(train_set, self.env, seed=cfg.seed), pin_memory=pin)
+        self.test_loader = DataLoader(test_set, batch_size=max(256, cfg.batch_size), num_workers=cfg.workers,
+                                      sampler=ShardSampler(test_set, rank=self.env.rank,
+                                                           world_size=self.env.world_size), pin_memory=pin)
+        info = self.data_info
+        self.model = build_model(cfg.model, num_classes=info.num_classes, in_chans=info.in_chans).to(self.device)
+        self.example_inputs = torch.randn(1, info.in_chans, info.image_size, info.image_size, device=self.device)
+        self.adapters = uses_adapters(cfg.model)
+        self.dense_widths = layer_widths(self.model)
+        self.dense_macs, self.dense_params = count_macs_params(self.model, self.example_inputs)
+        head = find_classifier(self.model)
+        self._head_names = {n for n, m in self.model.named_modules() if head is not None and m is head}
+        self.importance = build_importance(self.method, self.dense_widths, seed=cfg.seed)
+        self.state: dict[str, Any] = {"stages_done": 0, "epoch_in_stage": 0, "global_epoch": 0, "history": [],
+                                      "remaining": 1.0, "rows": [], "last_prune": None, "extra": {}, "notes": {}}
+        self._stage = 0
+        self._optimizer_state: dict | None = None
+        self._log_handler: logging.Handler | None = None
+        if cfg.resume and self.record.checkpoint_path.exists():
+            self._load_checkpoint()
+        elif cfg.resume:
+            logger.info("--resume: no checkpoint in %s, starting a new run", cfg.output_dir)
+        if self.record.enabled:
+            self.record.dir.mkdir(parents=True, exist_ok=True)
+            self._log_handler = logging.FileHandler(self.record.dir / "log.txt")
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger().addHandler(self._log_handler)
+            self.record.write_config({**cfg.to_dict(), "data": info.to_dict(), "world_size": self.env.world_size,
+                                      "dense_params": self.dense_params, "dense_macs": self.dense_macs})
+        logger.info("%s | %s on %s (%d classes, %dpx) | method %s | %d params, %.3g MACs | %s x%d",
+                    cfg.recipe, cfg.model, cfg.dataset, info.num_classes, info.image_size, cfg.method,
+                    self.dense_params, self.dense_macs, self.device, self.env.world_size)
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Experiment:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach the log file and leave the process group."""
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        cleanup_distributed()
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Recipe state saved in every checkpoint (tensors and plain values)."""
+        return self.state["extra"]
+
+    @property
+    def notes(self) -> dict[str, Any]:
+        """JSON-serializable facts the recipe wants in ``results.json``."""
+        return self.state["notes"]
+
+    @property
+    def remaining(self) -> float:
+        """Fraction of the dense model's prunable channels still present."""
+        return float(self.state["remaining"])
+
+    def _seed(self, offset: int) -> None:
+        value = self.cfg.seed * 1_000_003 + offset
+        torch.manual_seed(value)
+        random.seed(value)
+
+    # ------------------------------------------------------------------ stages
+    def _begin_stage(self) -> int | None:
+        """``None`` if a resumed run already completed this stage, else the epoch to start it from."""
+        index, self._stage = self._stage, self._stage + 1
+        if index < self.state["stages_done"]:
+            return None
+        return self.state["epoch_in_stage"] if index == self.state["stages_done"] else 0
+
+    def _end_stage(self) -> None:
+        self.state["stages_done"] += 1
+        self.state["epoch_in_stage"] = 0
+        self._checkpoint(None)
+
+    def train(self, phase: str, *, regularized: bool = False, round_index: int = 0,
+              on_epoch_end: Callable[[int], bool] | None = None) -> None:
+        """Train for a phase of the config's schedules (a stage).
+
+        Args:
+            phase: A phase name (``"base"``, ``"ortho"``, ``"retrain"``, ...).
+            regularized: Add the OrthoReg gradient (weight decay 0).
+            round_index: The pruning round, for the logs.
+            on_epoch_end: ``fn(epoch) -> stop``, called after every epoch (early-bird detection).
+        """
+        start = self._begin_stage()
+        if start is None:
+            return
+        cfg, sched = self.cfg, self.cfg.schedule(phase)
+        reg = OrthoRegularizer(self.model, cfg.coefficient) if regularized else None
+        optimizer = build_optimizer(self.model, lr=sched.lr_at(start), momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, regularized=regularized)
+        if start > 0 and self._optimizer_state is not None:
+            optimizer.load_state_dict(self._optimizer_state)
+        self._optimizer_state = None
+        net = wrap_ddp(self.model, self.env)  # rebuilt per stage: pruning replaces the parameters
+        total = sched.total_epochs
+        for epoch in range(start, total):
+            began = time.perf_counter()
+            global_epoch = self.state["global_epoch"]
+            self._seed(global_epoch)
+            self.train_loader.sampler.set_epoch(global_epoch)
+            set_lr(optimizer, sched.lr_at(epoch))
+            stats = train_one_epoch(net, self.train_loader, optimizer, device=self.device, regularizer=reg,
+                                    scaler=self.scaler, amp=self.amp, progress=self._progress,
+                                    desc=f"{phase} {epoch + 1}/{total}")
+            test = evaluate(self.model, self.test_loader, device=self.device, amp=self.amp)
+            row = {"global_epoch": global_epoch, "stage": self._stage - 1, "phase": phase, "round": round_index,
+                   "epoch": epoch, "lr": sched.lr_at(epoch), "regularized": regularized,
+                   "train_loss": stats["loss"], "train_acc": stats["acc"], "test_loss": test["loss"],
+                   "test_acc": test["acc"], "penalty": _penalty(reg), "orthonormality": mean_orthonormality(
+                       self.model), "params": sum(p.numel() for p in self.model.parameters())}
+            self.state["global_epoch"] += 1
+            stop = bool(on_epoch_end(epoch)) if on_epoch_end is not None else False
+            row["seconds"] = round(time.perf_counter() - began, 3)
+            self.record.log_epoch(row)
+            logger.info("%s %d/%d lr %g | loss %.4f acc %.2f | test %.2f%s", phase, epoch + 1, total, row["lr"],
+                        stats["loss"], stats["acc"], test["acc"], "" if reg is None else
+                        f" | penalty {row['penalty']:.4g}")
+            if stop or epoch + 1 == total:
+                break
+            self.state["epoch_in_stage"] = epoch + 1
+            self._checkpoint(optimizer)
+        self._end_stage()
+
+    def feed_importance(self) -> None:
+        """Give the method's importance its data (dataset gradient etc.), identically on every rank.
+
+        The samples depend only on the current stage, so repeated estimates within a stage (early-bird masks)
+        see the same data and differ only through the weights.
+        """
+        tag = 1_000_000 + self._stage
+        self._seed(tag)
+        self.train_loader.sampler.set_epoch(tag)
+        feed_importance_(self.method, self.importance, self.model, self.train_loader,
+                         num_samples=self.cfg.importance_samples, world_size=self.env.world_size,
+                         progress=self._progress)
+
+    def prune(self, *, ratio: float | None = None, target_macs: float | None = None,
+              round_index: int) -> None:
+        """Estimate importance and prune physically, by a ratio of current channels or to a MACs budget."""
+        if self._begin_stage() is None:
+            return
+        self.feed_importance()
+        step = prune_step_(self.model, self.example_inputs, self.importance, ratio=ratio,
+                           target_macs=target_macs, adapters=self.adapters, seed=self.cfg.seed + round_index)
+        self.state["history"] += step.history
+        self.state["remaining"] *= 1.0 - step.achieved
+        after = evaluate(self.model, self.test_loader, device=self.device, amp=self.amp)
+        self.state["last_prune"] = {"requested": step.requested, "applied": step.applied,
+                                    "achieved": step.achieved, "acc_after_prune": after["acc"]}
+        logger.info("round %d: pruned %.2f%% of current channels (asked %.2f%%), %.2f%% of the dense model "
+                    "gone; accuracy before retraining %.2f", round_index, 100 * step.achieved,
+                    100 * step.requested, 100 * (1 - self.remaining), after["acc"])
+        self._end_stage()
+
+    def record_round(self, round_index: int, *, target: float | None, **extra: Any) -> None:
+        """Evaluate the current model and add a row to ``results.json`` (a stage); save the pruned model."""
+        if self._begin_stage() is None:
+            return
+        test = evaluate(self.model, self.test_loader, device=self.device, amp=self.amp)
+        macs, params = count_macs_params(self.model, self.example_inputs)
+        widths = layer_widths(self.model)
+        body = [k for k in widths if k not in self._head_names]
+        last = self.state["last_prune"] or {}
+        row = {
+            "round": round_index, "method": self.cfg.method,
+            "target_pct": None if target is None else round(100 * target, 3),
+            "pruned_pct": round(100 * (1 - self.remaining), 3),
+            "filters_pruned_pct": round(100 * (1 - sum(widths[k] for k in body) /
+                                                sum(self.dense_widths[k] for k in body)), 3),
+            "params": params, "macs": macs, "params_pct": round(100 * params / self.dense_params, 3),
+            "macs_pct": round(100 * macs / self.dense_macs, 3), "test_acc": test["acc"],
+            "test_loss": test["loss"], "acc_after_prune": last.get("acc_after_prune"),
+            "epochs": self.state["global_epoch"], **extra, "widths": widths,
+        }
+        self.state["rows"].append(row)
+        self.state["last_prune"] = None
+        logger.info("round %d: %.2f%% pruned, %d params, %.3g MACs, test accuracy %.2f", round_index,
+                    row["pruned_pct"], params, macs, test["acc"])
+        if self.record.enabled:
+            save_pruned_model(self.record.dir / f"model_round{round_index}.pt", self.model, self.state["history"],
+                              {"model": self.cfg.model, "num_classes": self.data_info.num_classes,
+                               "in_chans": self.data_info.in_chans, "image_size": self.data_info.image_size})
+        self._write_results(complete=False)
+        self._end_stage()
+
+    def finish(self) -> dict[str, Any]:
+        """Write the final ``results.json`` and plot; return the results."""
+        results = self._write_results(complete=True)
+        barrier()
+        return results
+
+    # ------------------------------------------------------------------ files
+    @property
+    def _progress(self) -> bool:
+        return self.cfg.progress and self.env.is_main
+
+    def _write_results(self, *, complete: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        results = {"recipe": cfg.recipe, "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset,
+                   "seed": cfg.seed, "complete": complete, "dense_params": self.dense_params,
+                   "dense_macs": self.dense_macs, **self.notes, "rows": self.state["rows"]}
+        if self.record.enabled:
+            self.record.write_results(results)
+            plot_results([(cfg.method, self.state["rows"])], self.record.plot_path,
+                         title=f"{cfg.recipe}: {cfg.model} on {cfg.dataset}")
+        return results
+
+    def _checkpoint(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.record.save_checkpoint({
+            "config": self.cfg.to_dict(), "model": self.model.state_dict(), "state": self.state,
+            "optimizer": None if optimizer is None else optimizer.state_dict()})
+
+    def _load_checkpoint(self) -> None:
+        ckpt = safe_torch_load(self.record.checkpoint_path, map_location=self.device)
+        saved, now = dict(ckpt["config"]), self.cfg.to_dict()
+        changed = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k])
+        if changed:
+            raise ValueError(f"--resume with different settings than the checkpoint in {self.cfg.output_dir!r}: "
+                             + ", ".join(f"{k}={now[k]!r} (was {saved.get(k)!r})" for k in changed))
+        replay_pruning_(self.model, self.example_inputs, ckpt["state"]["history"], adapters=self.adapters)
+        self.model.load_state_dict(ckpt["model"])
+        self.state = ckpt["state"]
+        self._optimizer_state = ckpt["optimizer"]
+        self.record.truncate_epochs(self.state["global_epoch"])
+        logger.info("resumed %s: %d stages done, epoch %d of the next, %d epochs so far", self.cfg.output_dir,
+                    self.state["stages_done"], self.state["epoch_in_stage"], self.state["global_epoch"])
+
+
+def _penalty(reg: OrthoRegularizer | None) -> float | None:
+    if reg is None:
+        return None
+    with torch.no_grad():
+        return float(reg.penalty())
+
+
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], Any],
+            argv: Sequence[str] | None = None) -> Any:
+    """Parse ``argv``, set up logging, run ``main(args)``; bad options or missing data exit with a message.
+
+    Example:
+        >>> run_cli(get_args_parser(), main)  # in a recipe's ``if __name__ == "__main__":``  # doctest: +SKIP
+    """
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        return main(args)
+    except (ValueError, DataUnavailableError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
