@@ -88,7 +88,7 @@ class RecipeConfig:
     eb_patience: int = 5
     # optimization
     phases: dict[str, str] = field(default_factory=dict)  # overrides: {"base": "0.1:80,0.01:40", ...}
-    batch_size: int | None = None
+    batch_size: int | None = None  # total over all processes under torchrun
     momentum: float = 0.9  # the paper's SGD
     weight_decay: float = 1e-4  # the paper; forced to 0 in regularized phases
     coefficient: float | None = None  # lambda: 1e-3 for MobileNet-V1, 1e-2 otherwise (the paper)

@@ -117,6 +117,21 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def check_same_on_all_ranks(value: object, *, what: str) -> None:
+    """Raise on every rank if ``value`` (any picklable object) differs from rank 0's; no-op alone.
+
+    Example:
+        >>> check_same_on_all_ranks([["conv", True, [0, 3]]], what="pruning history")
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    values: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if differ:
+        raise RuntimeError(f"{what} differs between rank 0 and ranks {differ}: ranks must prune identically")
+
+
 def all_reduce_grads_(model: nn.Module) -> None:
     """Sum every ``.grad`` of ``model`` over ranks, in place (for importances that read ``.grad``)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -30,7 +30,15 @@ from torch.utils.data import DataLoader
 
 from .config import RecipeConfig
 from .data import DataUnavailableError, build_datasets
-from .distributed import ShardSampler, barrier, cleanup_distributed, init_distributed, train_sampler, wrap_ddp
+from .distributed import (
+    ShardSampler,
+    barrier,
+    check_same_on_all_ranks,
+    cleanup_distributed,
+    init_distributed,
+    train_sampler,
+    wrap_ddp,
+)
 from .methods import build_importance, feed_importance_, get_method
 from .metrics import layer_widths, mean_orthonormality
 from .models import build_model
@@ -78,11 +86,15 @@ class Experiment:
         if cfg.amp and not self.amp:
             logger.warning("--amp needs CUDA; training in float32 on %s", self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        if cfg.batch_size % self.env.world_size:
+            raise ValueError(f"batch_size is the total over {self.env.world_size} processes and must divide "
+                             f"evenly, got {cfg.batch_size!r}")
+        batch = cfg.batch_size // self.env.world_size
         self._seed(0)
         pin = self.device.type == "cuda"
-        self.train_loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
+        self.train_loader = DataLoader(train_set, batch_size=batch, num_workers=cfg.workers,
                                        sampler=train_sampler(train_set, self.env, seed=cfg.seed), pin_memory=pin)
-        self.test_loader = DataLoader(test_set, batch_size=max(256, cfg.batch_size), num_workers=cfg.workers,
+        self.test_loader = DataLoader(test_set, batch_size=max(256, batch), num_workers=cfg.workers,
                                       sampler=ShardSampler(test_set, rank=self.env.rank,
                                                            world_size=self.env.world_size), pin_memory=pin)
         info = self.data_info
@@ -233,6 +245,7 @@ class Experiment:
         self.feed_importance()
         step = prune_step_(self.model, self.example_inputs, self.importance, ratio=ratio,
                            target_macs=target_macs, adapters=self.adapters, seed=self.cfg.seed + round_index)
+        check_same_on_all_ranks(step.history, what=f"round {round_index}'s pruning")
         self.state["history"] += step.history
         self.state["remaining"] *= 1.0 - step.achieved
         after = evaluate(self.model, self.test_loader, device=self.device, amp=self.amp)

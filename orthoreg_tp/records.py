@@ -167,6 +167,58 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+TABLE_COLUMNS: tuple[str, ...] = (
+    "run", "recipe", "model", "dataset", "method", "round", "pruned_pct", "params", "macs_pct", "acc_after_prune",
+    "test_acc",
+)
+
+
+def merge_results(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str, Any]]]:
+    """Load several runs' results, labelled by method (by folder name where a method repeats).
+
+    Example:
+        >>> runs = merge_results(["runs/it-orthoreg", "runs/it-l1"])  # doctest: +SKIP
+        >>> [label for label, _ in runs]  # doctest: +SKIP
+        ['orthoreg', 'l1']
+    """
+    loaded = [(Path(p), load_results(p)) for p in paths]
+    methods = [r["method"] for _, r in loaded]
+    return [(r["method"] if methods.count(r["method"]) == 1 else
+             (p.name if p.is_dir() else p.parent.name), r) for p, r in loaded]
+
+
+def table_rows(runs: Sequence[tuple[str, Mapping[str, Any]]],
+               columns: Sequence[str] = TABLE_COLUMNS) -> list[dict[str, Any]]:
+    """Flatten runs into table rows (one per run and round) with the given columns."""
+    out = []
+    for label, results in runs:
+        for row in results["rows"]:
+            merged = {**{k: results.get(k) for k in ("recipe", "model", "dataset", "method")}, **row, "run": label}
+            out.append({c: merged.get(c) for c in columns})
+    return out
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows (dicts with the same keys) as a Markdown table; floats with 2 decimals, ``None`` as ``-``.
+
+    Example:
+        >>> print(markdown_table([{"method": "l1", "test_acc": 91.234}]))
+        | method | test_acc |
+        |---|---|
+        | l1 | 91.23 |
+    """
+    if not rows:
+        return ""
+    columns = list(rows[0])
+
+    def cell(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def plot_results(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: str | os.PathLike,
                  *, title: str = "") -> None:
     """Plot test accuracy against pruned % and against MACs, one line per run.
