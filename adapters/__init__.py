@@ -1,0 +1,36 @@
+"""Adapters: prune timm, torchvision and generic models with torch-pruning, consistently, in one call.
+
+Example:
+    >>> import timm, torch, torch_pruning as tp
+    >>> from orthoreg_tp.adapters import prepare, prune
+    >>> model, x = timm.create_model("test_vit", pretrained=False), torch.randn(1, 3, 160, 160)
+    >>> report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
+"""
+
+from .api import prepare, prune
+from .hostfix import host_fixes
+from .registry import (
+    AdapterContext,
+    ModelAdapter,
+    register_model_adapter,
+    register_module_adapter,
+)
+from .report import PruneReport, PruningError
+from .spec import Fixup, FixupContext, FixupError, PruningSpec, SpecPart
+
+__all__ = [
+    "AdapterContext",
+    "Fixup",
+    "FixupContext",
+    "FixupError",
+    "ModelAdapter",
+    "PruneReport",
+    "PruningError",
+    "PruningSpec",
+    "SpecPart",
+    "host_fixes",
+    "prepare",
+    "prune",
+    "register_model_adapter",
+    "register_module_adapter",
+]

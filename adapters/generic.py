@@ -1,0 +1,281 @@
+"""The generic adapter: what can be said about any ``nn.Module`` without knowing its library.
+
+- Output layers (the classifier, detection/segmentation heads) are found by walking the autograd graph back
+  from the model's outputs to the first channel-producing layers; their outputs are kept so that the output
+  shape does not change.
+- Parameters that sit directly on a module torch-pruning does not know (tokens, position embeddings, gammas)
+  are listed as unwrapped parameters with torch-pruning's own default dimension (the last non-singleton one),
+  so the choice is explicit and the host's warning is not raised.
+- Modules that look like attention (a ``num_heads`` attribute) but have no registered adapter are reported
+  in ``spec.unhandled`` and their projections are frozen, which keeps their head layout intact.
+- Cached sizes on such modules (``normalized_shape``, ``num_features``, ``dim`` ...) are re-synced from their
+  parameters after pruning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .registry import AdapterContext, find_module_adapters
+from .spec import Fixup, FixupContext, SpecPart
+
+__all__ = [
+    "LAYER_TYPES",
+    "KNOWN_TYPES",
+    "describe_modules",
+    "frozen_block",
+    "opaque_attention",
+    "find_output_layers",
+    "flatten_tensors",
+    "run_model",
+]
+
+#: Layers that produce channels (the roots of torch-pruning groups).
+LAYER_TYPES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.Embedding,
+    nn.MultiheadAttention,
+    nn.LSTM,
+)
+#: Module types torch-pruning prunes by itself (parameters and size attributes).
+KNOWN_TYPES: tuple[type, ...] = LAYER_TYPES + (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.PReLU,
+)
+# Size attributes that a custom module may cache; synced from its first 1-D parameter after pruning.
+_SIZE_ATTRS = ("normalized_shape", "num_features", "num_channels", "channels", "dim", "embed_dim", "hidden_size")
+
+
+def run_model(model: nn.Module, example_inputs: Any, *, unpack: bool | None = None) -> Any:
+    """Call ``model`` on ``example_inputs``: a dict as keyword arguments, a tuple/list as positional ones.
+
+    Args:
+        model: The model.
+        example_inputs: A tensor, a dict, or a tuple/list.
+        unpack: For a tuple/list, whether to unpack it (``model(*x)``) or pass it whole (``model(x)``, as
+            torchvision detection models expect). ``None`` tries unpacking first, like torch-pruning does.
+    """
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        if unpack is None:
+            try:
+                return model(*example_inputs)
+            except Exception:
+                return model(example_inputs)
+        return model(*example_inputs) if unpack else model(example_inputs)
+    return model(example_inputs)
+
+
+def call_style(model: nn.Module, example_inputs: Any) -> bool | None:
+    """Decide once whether a tuple/list of inputs must be unpacked (``None`` for tensors and dicts)."""
+    if not isinstance(example_inputs, (tuple, list)):
+        return None
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+        return True
+    except Exception:
+        return False
+
+
+def flatten_tensors(obj: Any) -> list[torch.Tensor]:
+    """All tensors in a nested output (tensors, tuples, lists, dicts, dataclass-like objects), in order."""
+    out: list[torch.Tensor] = []
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            out.extend(flatten_tensors(value))
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            out.extend(flatten_tensors(value))
+    return out
+
+
+def find_output_layers(model: nn.Module, outputs: Iterable[torch.Tensor], grad_fn_to_layer: dict) -> list:
+    """Layers whose outputs reach a model output without passing through another layer.
+
+    Args:
+        model: The model (only used for error messages).
+        outputs: Output tensors of a forward pass run with autograd on.
+        grad_fn_to_layer: ``{output.grad_fn: layer}`` recorded by forward hooks during that pass.
+
+    Returns:
+        The layers (modules or parameters) in discovery order.
+    """
+    found: list[Any] = []
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        layer = grad_fn_to_layer.get(fn)
+        if layer is not None:
+            if all(layer is not f for f in found):
+                found.append(layer)
+            continue
+        for nxt, _ in getattr(fn, "next_functions", ()):
+            if nxt is not None and type(nxt).__name__ != "AccumulateGrad":
+                stack.append(nxt)
+    return found
+
+
+def trace_outputs(model: nn.Module, example_inputs: Any, *, unpack: bool | None = None) -> tuple[Any, list[Any]]:
+    """Run one forward pass with autograd and return ``(output, output_layers)``."""
+    grad_fn_to_layer: dict[Any, nn.Module] = {}
+
+    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        first = flatten_tensors(output)
+        if first and first[0].grad_fn is not None:
+            grad_fn_to_layer[first[0].grad_fn] = module
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = run_model(model, example_inputs, unpack=unpack)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return out, find_output_layers(model, flatten_tensors(out), grad_fn_to_layer)
+
+
+def _last_non_singleton_dim(param: torch.Tensor) -> int | None:
+    dims = [i for i, s in enumerate(param.shape) if s > 1]
+    return dims[-1] if dims else None
+
+
+def _sync_sizes_fixup(name: str, module: nn.Module) -> Fixup | None:
+    """Re-sync cached size attributes of a custom module with its first 1-D parameter."""
+    params = [p for p in module._parameters.values() if p is not None and p.dim() == 1]
+    if not params:
+        return None
+    size = params[0].numel()
+    attrs = []
+    for attr in _SIZE_ATTRS:
+        value = getattr(module, attr, None)
+        if value == size or value == (size,) or value == [size]:
+            attrs.append(attr)
+    if not attrs:
+        return None
+
+    def fn(mod: nn.Module, _ctx: FixupContext) -> None:
+        new = next(p for p in mod._parameters.values() if p is not None and p.dim() == 1).numel()
+        for attr in attrs:
+            old = getattr(mod, attr)
+            setattr(mod, attr, type(old)([new]) if isinstance(old, (tuple, list)) else new)
+
+    return Fixup(name, f"sync {', '.join(attrs)} with parameter size", fn)
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    """A ``num_heads`` attribute on a module that does not delegate to ``nn.MultiheadAttention``."""
+    if not isinstance(getattr(module, "num_heads", None), int):
+        return False
+    return not any(isinstance(m, nn.MultiheadAttention) for m in module.modules())
+
+
+def opaque_attention(module: nn.Module, why: str) -> SpecPart:
+    """Keep the head layout of an attention block; its input and output widths stay prunable.
+
+    Every conv/linear inside the block is frozen except the output projection(s) (``proj``, ``out_proj``,
+    ``o_proj``, ``to_out``, ``proj_out``, else the last one defined); frozen layers' inputs still shrink.
+    """
+    layers = [(n, m) for n, m in module.named_modules() if isinstance(m, LAYER_TYPES)]
+    outs = [m for n, m in layers if n.split(".")[0] in ("proj", "out_proj", "o_proj", "to_out", "proj_out")]
+    if not outs and layers:
+        outs = [layers[-1][1]]
+    return SpecPart(
+        ignored_layers=[m for _, m in layers if all(m is not o for o in outs)],
+        handled={id(m) for m in module.modules()},
+        notes=[f"{type(module).__name__}: head layout kept ({why})"],
+    )
+
+
+def frozen_block(module: nn.Module, why: str) -> SpecPart:
+    """Freeze every conv/linear output inside ``module`` (its inputs may still shrink)."""
+    return SpecPart(
+        ignored_layers=[m for m in module.modules() if isinstance(m, LAYER_TYPES)],
+        handled={id(m) for m in module.modules()},
+        notes=[f"{type(module).__name__}: frozen ({why})"],
+    )
+
+
+def describe_modules(
+    model: nn.Module,
+    ctx: AdapterContext,
+    *,
+    freeze_unhandled: bool = True,
+    on_adapter: Callable[[nn.Module, str], None] | None = None,
+) -> list[SpecPart]:
+    """Run the registered module adapters over ``model`` and describe the modules none of them handles.
+
+    Args:
+        model: The model.
+        ctx: The adapter context.
+        freeze_unhandled: Freeze the projections of attention-like modules without an adapter.
+        on_adapter: Optional callback ``(module, name)`` for every module an adapter handled.
+
+    Returns:
+        One :class:`SpecPart` per contributing adapter plus one for the generic findings.
+    """
+    parts: list[SpecPart] = []
+    handled: set[int] = set()
+    generic = SpecPart()
+    modules = list(model.named_modules())
+    for name, module in modules:  # pass 1: registered adapters, outermost first
+        if id(module) in handled:
+            continue
+        for adapter in find_module_adapters(module):
+            part = adapter(module, name, ctx)
+            if part is not None:
+                parts.append(part)
+                handled |= part.handled | {id(module)}
+                if on_adapter is not None:
+                    on_adapter(module, name)
+                break
+    custom = tuple({cls for part in parts for cls in part.customized_pruners})
+    wrapped = {id(m) for outer in model.modules() if custom and isinstance(outer, custom) for m in outer.modules()}
+    for name, module in modules:  # pass 2: what no adapter described
+        if isinstance(module, KNOWN_TYPES) or id(module) in wrapped:
+            continue
+        own = [p for p in module._parameters.values() if p is not None]
+        for param in own:  # adapters' own choices come first in merge_parts
+            dim = _last_non_singleton_dim(param)
+            if dim is not None:
+                generic.unwrapped_parameters.append((param, dim))
+        if id(module) in handled:
+            continue
+        if _looks_like_attention(module):
+            inner = [m for m in module.modules() if m is not module]
+            if any(id(m) in handled or _looks_like_attention(m) for m in inner):
+                continue  # the attention proper is a submodule
+            generic.unhandled.append(
+                f"{name} ({type(module).__name__}): attention-like module without adapter; head layout kept"
+            )
+            if freeze_unhandled:
+                part = opaque_attention(module, "no adapter")
+                parts.append(part)
+                handled |= part.handled
+            continue
+        if own:
+            fix = _sync_sizes_fixup(name, module)
+            if fix is not None:
+                generic.fixups.append(fix)
+    parts.append(generic)
+    return parts

@@ -1,0 +1,87 @@
+"""What :func:`orthoreg_tp.adapters.prune` returns, and the error it raises."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["PruneReport", "PruningError"]
+
+
+class PruningError(RuntimeError):
+    """Pruning failed and the model was restored; names the model class, the layer and the reason.
+
+    Attributes:
+        model_class: Class name of the model.
+        layer: Qualified name of the layer at fault (``None`` when it could not be located).
+        reason: What went wrong.
+    """
+
+    def __init__(self, model_class: str, layer: str | None, reason: str) -> None:
+        self.model_class = model_class
+        self.layer = layer
+        self.reason = reason
+        where = f" at layer {layer!r}" if layer else ""
+        super().__init__(f"pruning {model_class} failed{where}: {reason} (the model was restored)")
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """Outcome of one :func:`~orthoreg_tp.adapters.prune` call.
+
+    Attributes:
+        model_class: Class name of the model.
+        source: Adapter family (``"timm"``, ``"torchvision"``, ``"generic"``).
+        params_before: Parameter count before pruning.
+        params_after: Parameter count after pruning.
+        macs_before: Conv/linear multiply-accumulates per forward on ``example_inputs`` before pruning.
+        macs_after: The same after pruning.
+        widths: ``{layer: (width before, width after)}`` for every conv, linear and MHA layer.
+        seconds: Wall time of the whole call.
+        ratio: The torch-pruning ``pruning_ratio`` finally used.
+        target: The ``(kind, fraction)`` budget asked for, or ``None``.
+        trials: ``(ratio, achieved fraction of the budgeted quantity)`` for every pruning attempt kept.
+        frozen: ``"layer: reason"`` for layers frozen automatically after a failed attempt.
+        spec: :meth:`PruningSpec.summary` of the spec used.
+    """
+
+    model_class: str
+    source: str
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    widths: dict[str, tuple[int, int]]
+    seconds: float
+    ratio: float
+    target: tuple[str, float] | None = None
+    trials: tuple[tuple[float, float], ...] = ()
+    frozen: tuple[str, ...] = ()
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params_fraction(self) -> float:
+        """Fraction of parameters kept."""
+        return self.params_after / max(self.params_before, 1)
+
+    @property
+    def macs_fraction(self) -> float:
+        """Fraction of MACs kept."""
+        return self.macs_after / max(self.macs_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dictionary (widths as ``[before, after]`` lists)."""
+        out = asdict(self)
+        out["widths"] = {k: list(v) for k, v in self.widths.items()}
+        out["params_fraction"] = self.params_fraction
+        out["macs_fraction"] = self.macs_fraction
+        return out
+
+    def __str__(self) -> str:
+        changed = sum(1 for b, a in self.widths.values() if a != b)
+        return (
+            f"{self.model_class}: params {self.params_before:,} -> {self.params_after:,} "
+            f"({self.params_fraction:.1%}), MACs {self.macs_before:,} -> {self.macs_after:,} "
+            f"({self.macs_fraction:.1%}), {changed} layers narrowed, ratio {self.ratio:.3f}, "
+            f"{self.seconds:.2f} s"
+        )
