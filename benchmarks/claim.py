@@ -65,6 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune-epochs", type=int, default=3)
     g.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--name", default="claim", help="result files: benchmarks/results/NAME.{json,md}")
     return p
 
@@ -144,10 +145,11 @@ def run_seed(seed: int, args: argparse.Namespace, device: torch.device) -> dict[
         source = models["orthoreg" if get_method(method_name).regularized else "plain"]
         for level in args.levels:
             torch.manual_seed(seed)
+            start = time.perf_counter()
             row = prune_and_finetune(source, method_name, level, loaders, example, args, device)
             out["pruning"].append(row)
-            logger.info("seed %d %s %.0f%% MACs: acc %.2f -> %.2f", seed, method_name, 100 * level,
-                        row["acc_pruned"], row["acc_finetuned"])
+            logger.info("seed %d %s %.0f%% MACs: acc %.2f -> %.2f, %.0f s", seed, method_name, 100 * level,
+                        row["acc_pruned"], row["acc_finetuned"], time.perf_counter() - start)
     return out
 
 
@@ -209,6 +211,8 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dic
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     runs = [run_seed(seed, args, device) for seed in args.seeds]
     summary, md = summarize(runs, args)

@@ -1,0 +1,336 @@
+"""What OrthoReg costs: training-step overhead of the regularizer, importance-estimation time and memory.
+
+1. Training step (forward, cross-entropy, backward, SGD step) without the regularizer, with the autograd
+   ``penalty()`` added to the loss, and with the analytic ``regularize()`` after ``backward()``; ratios of
+   median step times measured interleaved in the same run (goal <= 1.05x). Two prototypes of cheaper code
+   paths are timed alongside: the analytic gradient every k steps scaled by k (lazy regularization) and the
+   Gram computations of same-shaped layers batched into one ``bmm``.
+2. ``OrthoRegImportance.accumulate`` vs. a plain forward+backward loop over the same samples (goal <= 1.10x).
+3. Peak memory of both over N and 4N samples, each in a fresh process (CPU: ``ru_maxrss``; CUDA: the
+   allocator's peak), against the parameter size (goal: O(parameters), independent of N).
+
+    python benchmarks/overhead.py                      # CPU, batch 32, ~10 min on 2 cores
+    python benchmarks/overhead.py --device cuda --batch-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _common import interleaved_times, machine_line, markdown_table, median, resolve_device, sync, write_results
+from torch import Tensor, nn
+
+from orthoreg_tp import OrthoRegImportance, OrthoRegularizer
+from orthoreg_tp.functional import filter_matrix, filter_matrix_grad_to_params, ortho_penalty_grad
+from orthoreg_tp.models import build_model
+
+MODELS = {  # name -> (build_model name, kwargs, coefficient: the paper's lambda)
+    "resnet34": ("resnet34", {}, 1e-2),
+    "vgg13": ("vgg13", {}, 1e-2),
+    "mobilenet_v1": ("mobilenet_v1", {}, 1e-3),
+    "vit_tiny": ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4}, 1e-2),
+}
+STEP_GOAL, IMPORTANCE_GOAL = 1.05, 1.10
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32, help="CIFAR-sized inputs (ViT: 4x4 patches, 64 tokens)")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (after one warm-up)")
+    p.add_argument("--every-k", type=int, default=4, help="the lazy-regularization prototype's period")
+    p.add_argument("--extrapolate-batch", type=int, default=128, help="report the step ratio extrapolated here")
+    p.add_argument("--importance-batches", type=int, default=2, help="N = batches x batch size samples")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--name", default="overhead")
+    p.add_argument("--memory-child", nargs=3, metavar=("MODEL", "MODE", "BATCHES"), help=argparse.SUPPRESS)
+    return p
+
+
+def make(name: str, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Tensor, Tensor, float]:
+    arch, kwargs, coefficient = MODELS[name]
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=args.num_classes, **kwargs).to(device)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    return model, x, y, coefficient
+
+
+# ------------------------------------------------------------------------------------------------ prototypes
+class BatchedRegularize:
+    """Prototype: ``OrthoRegularizer.regularize`` with the Gram work of same-shaped layers in one batched call.
+
+    Produces the same gradient as ``reg.regularize()`` (checked in :func:`step_overhead`).
+    """
+
+    def __init__(self, reg: OrthoRegularizer) -> None:
+        self.reg = reg
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        reg = self.reg
+        alphas = reg.weights()
+        buckets: dict[tuple, list] = defaultdict(list)
+        for name, m in reg.layers:
+            bias = m.bias if reg.include_bias and m.bias is not None else None
+            groups, transposed = getattr(m, "groups", 1), bool(getattr(m, "transposed", False))
+            blocks = filter_matrix(m.weight.detach(), None if bias is None else bias.detach(), groups=groups,
+                                   transposed=transposed)
+            buckets[tuple(blocks.shape)].append((name, m, bias, groups, transposed, blocks))
+        for entries in buckets.values():
+            stacked = torch.cat([e[5] for e in entries]) if len(entries) > 1 else entries[0][5]
+            grads = ortho_penalty_grad(stacked, reg.norm).split(entries[0][5].shape[0])
+            for (name, m, bias, groups, transposed, _), g in zip(entries, grads):
+                gw, gb = filter_matrix_grad_to_params(g * (reg.coefficient * alphas[name]), m.weight.shape,
+                                                      has_bias=bias is not None, groups=groups, transposed=transposed)
+                _add(m.weight, gw)
+                if bias is not None:
+                    _add(bias, gb)
+
+
+class EveryK:
+    """Prototype: the analytic gradient every ``k`` steps, scaled by ``k`` (lazy regularization).
+
+    The regularizer's average contribution per step is unchanged; its cost is divided by ``k``.
+    """
+
+    def __init__(self, reg: OrthoRegularizer, k: int) -> None:
+        self.reg, self.k, self.calls = reg, k, 0
+
+    def __call__(self) -> None:
+        if self.calls % self.k == 0:
+            coefficient = self.reg.coefficient
+            self.reg.coefficient = coefficient * self.k
+            try:
+                self.reg.regularize()
+            finally:
+                self.reg.coefficient = coefficient
+        self.calls += 1
+
+
+def _add(param: Tensor, grad: Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad.clone()
+    else:
+        param.grad.add_(grad)
+
+
+# ------------------------------------------------------------------------------------------------ 1. step time
+def step_overhead(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model, x, y, coefficient = make(name, args, device)
+    model.train()
+    reg = OrthoRegularizer(model, coefficient)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    batched, lazy = BatchedRegularize(reg), EveryK(reg, args.every_k)
+
+    # the batched prototype computes the same gradient as the core implementation
+    model.zero_grad(set_to_none=True)
+    reg.regularize()
+    reference = [p.grad.clone() for _, m in reg.layers for p in (m.weight,)]
+    model.zero_grad(set_to_none=True)
+    batched()
+    max_diff = max(float((p.grad - r).abs().max()) for (_, m), r in zip(reg.layers, reference) for p in (m.weight,))
+    model.zero_grad(set_to_none=True)
+
+    def step(extra=None, penalty: bool = False) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if penalty:
+            loss = loss + reg.penalty()
+        loss.backward()
+        if extra is not None:
+            extra()
+        optimizer.step()
+
+    def penalty_alone() -> None:
+        reg.penalty().backward()
+
+    variants = {
+        "plain": lambda: step(),
+        "penalty": lambda: step(penalty=True),
+        "regularize": lambda: step(reg.regularize),
+        f"every{args.every_k}": lambda: step(lazy),
+        "batched": lambda: step(batched),
+        "regularize_alone": reg.regularize,
+        "penalty_alone": penalty_alone,
+    }
+    times = interleaved_times(variants, repeats=args.repeats, warmup=1, device=device)
+    med = {k: median(v) for k, v in times.items()}
+    plain = med["plain"]
+    scale = args.extrapolate_batch / args.batch_size
+    out = {
+        "model": name, "batch_size": args.batch_size, "input": [3, args.image_size, args.image_size],
+        "params": sum(p.numel() for p in model.parameters()), "regularized_layers": len(reg.layers),
+        "coefficient": coefficient, "median_seconds": med, "times": times,
+        "ratio": {k: med[k] / plain for k in ("penalty", "regularize", f"every{args.every_k}", "batched")},
+        "batched_max_grad_diff": max_diff,
+        # regularizer cost is independent of the batch; the rest of the step scales with it
+        f"regularize_ratio_extrapolated_b{args.extrapolate_batch}": 1 + med["regularize_alone"] / (plain * scale),
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ 2. importance
+def importance_cost(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model, x, y, _ = make(name, args, device)
+    batches = [(x, y)] * args.importance_batches
+    samples = args.batch_size * args.importance_batches
+    params = [p for p in model.parameters() if p.requires_grad]
+    imp = OrthoRegImportance(min_keep_ratio=None)
+
+    def plain() -> None:
+        model.eval()
+        for xb, yb in batches:
+            torch.autograd.grad(F.cross_entropy(model(xb), yb), params)
+        model.train()
+
+    def accumulate() -> None:
+        imp.reset()
+        imp.accumulate(model, batches, samples, progress=False)
+
+    times = interleaved_times({"forward_backward": plain, "accumulate": accumulate}, repeats=max(2, args.repeats // 2),
+                              warmup=1, device=device)
+    med = {k: median(v) for k, v in times.items()}
+    return {"model": name, "samples": samples, "median_seconds": med, "times": times,
+            "ratio": med["accumulate"] / med["forward_backward"]}
+
+
+# ------------------------------------------------------------------------------------------------ 3. memory
+def memory_child(args: argparse.Namespace) -> None:
+    """Run in a fresh process: peak memory of one mode over ``BATCHES`` batches, printed as JSON."""
+    name, mode, nb = args.memory_child[0], args.memory_child[1], int(args.memory_child[2])
+    device = resolve_device(args.device)
+    model, x, y, _ = make(name, args, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    imp = OrthoRegImportance(min_keep_ratio=None)
+    batches = ((x, y) for _ in range(nb))
+    # warm-up: one forward+backward so allocator caches and lazy init are in the baseline of both modes
+    torch.autograd.grad(F.cross_entropy(model.eval()(x), y), params)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if mode == "accumulate":
+        imp.accumulate(model, batches, nb * args.batch_size, progress=False)
+    else:
+        for xb, yb in batches:
+            torch.autograd.grad(F.cross_entropy(model(xb), yb), params)
+    sync(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before": before, "peak": peak, "peak_before_loop": peak_before,
+                      "param_bytes": sum(p.numel() * p.element_size() for p in params)}))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def memory(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    for mode in ("forward_backward", "accumulate"):
+        for nb in (args.importance_batches, 4 * args.importance_batches):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, mode, str(nb),
+                   "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+                   "--num-classes", str(args.num_classes), "--device", args.device]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append({"mode": mode, "samples": nb * args.batch_size, **r,
+                         "extra_peak": r["peak"] - r["before"]})
+    return {"model": name, "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, device: torch.device) -> str:
+    k = f"every{args.every_k}"
+    b = args.extrapolate_batch
+    step_rows = [[
+        s["model"], f"{s['params'] / 1e6:.1f}M", f"{s['median_seconds']['plain'] * 1e3:.0f}",
+        f"{s['ratio']['penalty']:.3f}", f"{s['ratio']['regularize']:.3f}",
+        f"{s['median_seconds']['regularize_alone'] * 1e3:.0f}", f"{s['ratio']['batched']:.3f}", f"{s['ratio'][k]:.3f}",
+        f"{s[f'regularize_ratio_extrapolated_b{b}']:.3f}",
+        "met" if s["ratio"]["regularize"] <= STEP_GOAL else "missed"] for s in steps]
+    parts = [
+        "### Overhead of the regularizer (training step)",
+        f"Batch {args.batch_size}, inputs 3x{args.image_size}x{args.image_size}, {args.num_classes} classes, "
+        f"device {device.type}; median of {args.repeats} interleaved steps after one warm-up; ratio = step time / "
+        f"plain step time. The last ratio is extrapolated (regularizer time measured alone, rest of the step "
+        f"scaled linearly to batch {b}).",
+        markdown_table(["model", "params", "plain step ms", "penalty() ratio", "regularize() ratio",
+                        "regularize() alone ms", "batched-Gram prototype", f"every-{args.every_k} prototype",
+                        f"regularize() @ batch {b} (extrap.)", f"goal <= {STEP_GOAL}x"], step_rows),
+    ]
+    if imps:
+        parts += ["### Importance estimation (`OrthoRegImportance.accumulate`) vs. forward+backward",
+                  markdown_table(["model", "samples", "forward+backward s", "accumulate s", "ratio",
+                                  f"goal <= {IMPORTANCE_GOAL}x"],
+                                 [[i["model"], i["samples"], f"{i['median_seconds']['forward_backward']:.2f}",
+                                   f"{i['median_seconds']['accumulate']:.2f}", f"{i['ratio']:.3f}",
+                                   "met" if i["ratio"] <= IMPORTANCE_GOAL else "missed"] for i in imps])]
+    if mems:
+        rows = []
+        for m in mems:
+            by = {(r["mode"], r["samples"]): r for r in m["rows"]}
+            samples = sorted({r["samples"] for r in m["rows"]})
+            pb = m["rows"][0]["param_bytes"]
+            cells = [m["model"], f"{pb / 2**20:.0f}"]
+            for mode in ("forward_backward", "accumulate"):
+                cells += [f"{by[(mode, n)]['extra_peak'] / 2**20:.0f}" for n in samples]
+            extra = [(by[("accumulate", n)]["extra_peak"] - by[("forward_backward", n)]["extra_peak"]) / pb
+                     for n in samples]
+            cells += [" / ".join(f"{e:.2f}" for e in extra)]
+            rows.append(cells)
+        n0, n1 = sorted({r["samples"] for r in mems[0]["rows"]})
+        parts += ["### Peak memory of importance estimation (fresh process per cell)",
+                  f"Peak memory above the model and data already in memory (CPU: peak RSS; CUDA: allocator peak), "
+                  f"MiB, over N = {n0} and {n1} samples.",
+                  markdown_table(["model", "params MiB", f"fwd+bwd N={n0}", f"fwd+bwd N={n1}", f"accumulate N={n0}",
+                                  f"accumulate N={n1}", "accumulate - fwd+bwd, in parameter sizes"], rows)]
+    return "\n\n".join(parts)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.memory_child:
+        memory_child(args)
+        return {}
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    steps, imps, mems = [], [], []
+    for name in args.models:
+        steps.append(step_overhead(name, args, device))
+        print(f"{name}: step ratios {steps[-1]['ratio']}", flush=True)
+        imps.append(importance_cost(name, args, device))
+        print(f"{name}: importance ratio {imps[-1]['ratio']:.3f}", flush=True)
+        if not args.skip_memory:
+            mems.append(memory(name, args))
+    md = summarize(steps, imps, mems, args, device)
+    wall = time.perf_counter() - start
+    md += f"\n\nMachine: {machine_line()}. Wall time {wall / 60:.1f} min.\n"
+    payload = {"config": vars(args), "wall_seconds": wall, "steps": steps, "importance": imps, "memory": mems}
+    paths = write_results(args.name, payload, md)
+    print(md)
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return payload
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
