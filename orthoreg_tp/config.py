@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "retrain": "0.1:3,0.01:2,0.001:1",
             "ortho_retrain": "0.1:3,0.01:2,0.001:1",
             "ortho_finetune": "0.1:2,0.01:1",
-            "eb_train": "0.1:5,0.01:1",
+            "eb_train": "0.1:12,0.01:3",  # long enough for --eb-detect (patience 5) to stop it early
             "eb_retrain": "0.1:6,0.01:4,0.001:2",
         },
         "batch_size": 64,  # digits has 1,437 training images: smaller batches, more steps per epoch

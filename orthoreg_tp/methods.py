@@ -113,11 +113,6 @@ class FloorImportance(tp.importance.Importance):
         self.initial_widths = dict(initial_widths)
         self.min_keep_ratio = min_keep_ratio
 
-    def __getattr__(self, name: str) -> Any:  # accumulate(), reset(), all_reduce() of the wrapped importance
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
     def floor(self, group: Any) -> int:
         """Channels the group's root layer must keep (0 for partial groups)."""
         width = _compat.current_width(group)
@@ -158,7 +153,7 @@ def feed_importance_(method: Method, importance: Any, model: nn.Module, data: It
 
     Args:
         method: The method.
-        importance: Its importance (from :func:`build_importance`).
+        importance: Its importance (from :func:`build_importance`, or unwrapped).
         model: The bare model (never the DDP wrapper).
         data: ``(inputs, targets)`` batches of this rank's shard.
         num_samples: Samples over all ranks (10,000 in the paper).
@@ -170,9 +165,10 @@ def feed_importance_(method: Method, importance: Any, model: nn.Module, data: It
     """
     local = max(1, num_samples // world_size)
     if method.needs == "accumulate":
-        importance.reset()
-        importance.accumulate(model, data, local, progress=progress)
-        importance.all_reduce()
+        inner = getattr(importance, "inner", importance)
+        inner.reset()
+        inner.accumulate(model, data, local, progress=progress)
+        inner.all_reduce()
     elif method.needs == "grad":
         _dataset_gradient_(model, data, local, world_size=world_size, progress=progress)
 
