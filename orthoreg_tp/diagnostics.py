@@ -268,6 +268,8 @@ class AdditivityStats:
             measured group loss change (additivity itself, free of the score's approximation), or ``None``.
         additive_relative_error: ``||sum of single changes - group change|| / ||group change||`` (no scale
             fit: both are loss changes), or ``None``.
+        additive_ratio: ``sum of group changes / sum of their single-channel changes``: 1 when removals add up,
+            above 1 when removing channels together costs more than the parts (interactions), or ``None``.
     """
 
     num_groups: int
@@ -275,6 +277,7 @@ class AdditivityStats:
     relative_error: float
     additive_spearman: float | None = None
     additive_relative_error: float | None = None
+    additive_ratio: float | None = None
 
     @classmethod
     def compute(cls, predicted: Tensor, measured: Tensor, singles: Tensor | None = None) -> AdditivityStats:
@@ -284,16 +287,19 @@ class AdditivityStats:
             >>> AdditivityStats.compute(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0])).spearman
             1.0
         """
-        add_rho = add_err = None
+        add_rho = add_err = add_ratio = None
         if singles is not None:
             add_rho = float(spearman(singles, measured))
             add_err = float(relative_error(singles, measured))
+            total = float(singles.double().sum())
+            add_ratio = float(measured.double().sum()) / total if total != 0 else float("nan")
         return cls(
             num_groups=int(measured.numel()),
             spearman=float(spearman(predicted, measured)),
             relative_error=float(relative_error(predicted, measured, fit_scale=True)),
             additive_spearman=add_rho,
             additive_relative_error=add_err,
+            additive_ratio=add_ratio,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -211,6 +211,7 @@ def test_additivity_is_exact_for_a_loss_linear_in_the_channels():
     stats = result.layers[0].stats
     assert stats.additive_relative_error < 1e-5
     assert stats.additive_spearman == pytest.approx(1.0)
+    assert stats.additive_ratio == pytest.approx(1.0, rel=1e-5)
 
 
 def test_additivity_accepts_names_groups_and_lists(net_and_batches):
