@@ -132,6 +132,18 @@ def check_same_on_all_ranks(value: object, *, what: str) -> None:
         raise RuntimeError(f"{what} differs between rank 0 and ranks {differ}: ranks must prune identically")
 
 
+def broadcast_buffers_(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank, in place (no-op when not distributed).
+
+    DDP broadcasts buffers at the start of each forward, so after an epoch every rank's statistics have moved
+    by its own last batch; call this before evaluating, scoring or saving so all ranks hold rank 0's model.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for b in model.buffers():
+        dist.broadcast(b, src=0)
+
+
 def all_reduce_grads_(model: nn.Module) -> None:
     """Sum every ``.grad`` of ``model`` over ranks, in place (for importances that read ``.grad``)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -33,6 +33,7 @@ from .data import DataUnavailableError, build_datasets
 from .distributed import (
     ShardSampler,
     barrier,
+    broadcast_buffers_,
     check_same_on_all_ranks,
     cleanup_distributed,
     init_distributed,
@@ -205,6 +206,7 @@ class Experiment:
             stats = train_one_epoch(net, self.train_loader, optimizer, device=self.device, regularizer=reg,
                                     scaler=self.scaler, amp=self.amp, progress=self._progress,
                                     desc=f"{phase} {epoch + 1}/{total}")
+            broadcast_buffers_(self.model)
             test = evaluate(self.model, self.test_loader, device=self.device, amp=self.amp)
             row = {"global_epoch": global_epoch, "stage": self._stage - 1, "phase": phase, "round": round_index,
                    "epoch": epoch, "lr": sched.lr_at(epoch), "regularized": regularized,

@@ -97,6 +97,18 @@ def test_early_bird_on_digits(tmp_path, method):
         assert eb["fired_epoch"] is not None
 
 
+def test_library_model_through_the_adapters(tmp_path):
+    out = tmp_path / "vit"
+    results = run(ITERATIVE, "--model", "timm:test_vit", "--image-size", "32", "--method", "l1",
+                  "--prune-percent", "30", "--output-dir", str(out),
+                  "--phase", "base=0.1:1", "--phase", "retrain=0.1:1")
+    rows = results["rows"]
+    assert rows[1]["pruned_pct"] == pytest.approx(30.0, abs=1.0) and rows[1]["params"] < rows[0]["params"]
+    model = load_pruned_model(out / "model_round1.pt").eval()  # replayed history + the adapter's fix-ups
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in model.parameters()) == rows[1]["params"]
+
+
 def interrupt_after(monkeypatch, epochs):
     calls = {"n": 0}
     original = experiment.train_one_epoch
