@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
+from .base import FeaturesClassifier
 from .registry import register_model
 
 # (width, stride) of the 13 depthwise-separable blocks (PAPER.md section 5).
@@ -21,7 +22,7 @@ def _conv_bn_relu(c_in: int, c_out: int, *, kernel: int, stride: int, groups: in
     )
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(FeaturesClassifier):
     """MobileNet-V1: 3x3 stem, 13 blocks of depthwise 3x3 + pointwise 1x1 (each + BN + ReLU), linear head.
 
     Args:
@@ -37,7 +38,6 @@ class MobileNetV1(nn.Module):
 
     def __init__(self, *, num_classes: int = 10, in_chans: int = 3,
                  cfg: tuple[tuple[int, int], ...] = MOBILENET_V1_CFG, stem_width: int = 32):
-        super().__init__()
         layers = [_conv_bn_relu(in_chans, stem_width, kernel=3, stride=1)]
         channels = stem_width
         for width, stride in cfg:
@@ -46,12 +46,7 @@ class MobileNetV1(nn.Module):
                 _conv_bn_relu(channels, width, kernel=1, stride=1),
             ))
             channels = width
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return self.classifier(self.pool(self.features(x)).flatten(1))
+        super().__init__(nn.Sequential(*layers), width=channels, num_classes=num_classes)
 
 
 @register_model

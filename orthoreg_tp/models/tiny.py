@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
+from .base import FeaturesClassifier
 from .registry import register_model
 
 
-class TinyCNN(nn.Module):
+class TinyCNN(FeaturesClassifier):
     """Three conv-BN-ReLU blocks (two followed by max-pool), global average pool, linear head.
 
     Args:
@@ -22,7 +23,6 @@ class TinyCNN(nn.Module):
 
     def __init__(self, *, num_classes: int = 10, in_chans: int = 3,
                  widths: tuple[int, int, int] = (16, 32, 64)):
-        super().__init__()
         layers: list[nn.Module] = []
         channels = in_chans
         for i, width in enumerate(widths):
@@ -31,12 +31,7 @@ class TinyCNN(nn.Module):
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
             channels = width
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return self.classifier(self.pool(self.features(x)).flatten(1))
+        super().__init__(nn.Sequential(*layers), width=channels, num_classes=num_classes)
 
 
 @register_model

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
+from .base import FeaturesClassifier
 from .registry import register_model
 
 VGG13_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class VGG(nn.Module):
+class VGG(FeaturesClassifier):
     """Plain VGG for 32x32 inputs: 3x3 convs with bias, each followed by ReLU then BatchNorm (PAPER.md 5).
 
     Args:
@@ -23,7 +24,6 @@ class VGG(nn.Module):
     """
 
     def __init__(self, cfg: tuple[int | str, ...] = VGG13_CFG, *, num_classes: int = 10, in_chans: int = 3):
-        super().__init__()
         layers: list[nn.Module] = []
         channels = in_chans
         for v in cfg:
@@ -33,12 +33,7 @@ class VGG(nn.Module):
                 layers += [nn.Conv2d(channels, int(v), 3, padding=1, bias=True), nn.ReLU(inplace=True),
                            nn.BatchNorm2d(int(v))]
                 channels = int(v)
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)  # identity on 32x32 inputs (1x1 after five pools); any size works
-        self.classifier = nn.Linear(channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return self.classifier(self.pool(self.features(x)).flatten(1))
+        super().__init__(nn.Sequential(*layers), width=channels, num_classes=num_classes)
 
 
 @register_model
