@@ -8,6 +8,7 @@ Example:
 """
 
 from .baselines import GraSPImportance, RDTImportance, TFOImportance
+from .floor import FloorImportance, LayerFloor, keep_floor
 from .functional import cumulative_schedule, paper_schedule
 from .grouping import along, register_param_slices
 from .importance import AccumulatingImportance, FisherImportance, OrthoRegImportance
@@ -18,6 +19,8 @@ from .regularizer import OrthoRegularizer, find_classifier
 __all__ = [
     "AccumulatingImportance",
     "FisherImportance",
+    "FloorImportance",
+    "LayerFloor",
     "GraSPImportance",
     "OrthoRegImportance",
     "OrthoRegPruner",
@@ -28,6 +31,7 @@ __all__ = [
     "cumulative_schedule",
     "filter_correlations",
     "find_classifier",
+    "keep_floor",
     "layer_widths",
     "mean_orthonormality",
     "orthonormality",

@@ -81,6 +81,7 @@ class GraSPImportance(AccumulatingImportance):
         """Two passes: the averaged tempered gradient ``g``, then ``H g`` (see :class:`AccumulatingImportance`)."""
         grad_pass = OrthoRegImportance()
         grad_pass.accumulate(model, data, num_samples, loss_fn=self._tempered(loss_fn), progress=progress)
+        grad_pass.all_reduce()  # under DDP, H g must use the global gradient (no-op otherwise)
         self._grad_pass = grad_pass.stats
         try:
             return super().accumulate(model, data, num_samples, loss_fn=self._tempered(loss_fn), progress=progress)

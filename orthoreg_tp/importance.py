@@ -8,8 +8,7 @@ itself, never read from whatever happens to be in ``.grad`` at pruning time).
 from __future__ import annotations
 
 import logging
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import _compat
 from .accumulate import ParamStatistics, batch_size_of, model_device, to_device, trainable_params
+from .floor import LayerFloor, keep_floor  # noqa: F401 - keep_floor re-exported
 from .grouping import iter_group, scatter_channel_sums
 
 logger = logging.getLogger(__name__)
@@ -33,16 +33,6 @@ def default_loss(output: Any, target: Tensor) -> Tensor:
     if isinstance(output, tuple | list):
         output = output[0]
     return F.cross_entropy(output, target)
-
-
-def keep_floor(initial_width: int, min_keep_ratio: float) -> int:
-    """The paper's per-layer floor: keep ``int(min_keep_ratio * initial_width) + 1`` channels.
-
-    Example:
-        >>> keep_floor(64, 0.05)
-        4
-    """
-    return int(min_keep_ratio * initial_width) + 1
 
 
 class AccumulatingImportance(tp.importance.Importance):
@@ -63,11 +53,21 @@ class AccumulatingImportance(tp.importance.Importance):
             ``int(min_keep_ratio * initial_width) + 1`` channels (they score ``+inf``); ``None`` disables it.
             Layers are never emptied, so torch-pruning does not silently drop whole groups and the achieved
             global ratio matches the requested one.
+        initial_widths: ``{layer name: original width}`` for the floor (default: each layer's width the first
+            time this importance scores it); pass the dense model's :func:`~orthoreg_tp.layer_widths` when a new
+            importance object scores an already pruned model.
     """
 
     statistic = "gradient"
 
-    def __init__(self, *, scope: Scope = "group", normalizer: Any = None, min_keep_ratio: float | None = 0.05) -> None:
+    def __init__(
+        self,
+        *,
+        scope: Scope = "group",
+        normalizer: Any = None,
+        min_keep_ratio: float | None = 0.05,
+        initial_widths: Mapping[str, int] | None = None,
+    ) -> None:
         if scope not in ("group", "filter"):
             raise ValueError(f"scope must be 'group' or 'filter', got {scope!r}")
         if min_keep_ratio is not None and not 0.0 <= min_keep_ratio < 1.0:
@@ -75,8 +75,8 @@ class AccumulatingImportance(tp.importance.Importance):
         self.scope = scope
         self.normalizer = normalizer
         self.min_keep_ratio = min_keep_ratio
+        self.floor = None if min_keep_ratio is None else LayerFloor(min_keep_ratio, initial_widths)
         self.stats = ParamStatistics()
-        self._initial_width: dict[int, tuple[weakref.ref, int]] = {}
 
     # ------------------------------------------------------------------ accumulation
     def reset(self) -> None:
@@ -233,28 +233,8 @@ class AccumulatingImportance(tp.importance.Importance):
         if scores is None:
             return None
         scores = _compat.normalize_scores(self._finalize(scores), self.normalizer)
-        return self._apply_floor(group, scores)
+        return scores if self.floor is None else self.floor(group, scores)
 
-    def _apply_floor(self, group: Any, scores: Tensor) -> Tensor:
-        """Give the best ``floor`` channels of a full group ``+inf`` so no layer drops under the floor."""
-        if self.min_keep_ratio is None:
-            return scores
-        width = _compat.current_width(group)
-        if width is None or width != scores.numel():
-            return scores  # a partial group (user-chosen indices): no floor to enforce
-        root = group[0].dep.target.module
-        key = id(root)
-        entry = self._initial_width.get(key)
-        if entry is None or entry[0]() is not root:
-            entry = (weakref.ref(root), width)
-            self._initial_width[key] = entry
-        floor = min(keep_floor(entry[1], self.min_keep_ratio), width)
-        if floor <= 0:
-            return scores
-        protected = torch.topk(scores, floor).indices
-        scores = scores.clone()
-        scores[protected] = float("inf")
-        return scores
 
 
 class OrthoRegImportance(AccumulatingImportance):

@@ -16,16 +16,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from . import _compat
 from .baselines import GraSPImportance, RDTImportance, TFOImportance
 from .distributed import all_reduce_grads_
-from .importance import FisherImportance, OrthoRegImportance, keep_floor
+from .floor import FloorImportance
+from .importance import FisherImportance, OrthoRegImportance
 
 logger = logging.getLogger(__name__)
 
@@ -89,49 +88,6 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method, got {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name]
-
-
-class FloorImportance(tp.importance.Importance):
-    """Wrap any importance so every layer keeps ``int(min_keep_ratio * original_width) + 1`` channels.
-
-    The best channels up to the floor score ``+inf``. Original widths are passed in (by layer name, measured
-    on the dense model), so the floor stays that of the *original* network across rounds and resumed runs.
-
-    Args:
-        inner: Any torch-pruning importance.
-        initial_widths: ``{layer name: original output width}`` (:func:`orthoreg_tp.layer_widths`).
-        min_keep_ratio: 0.05 in the paper (the 95% per-layer cap).
-
-    Example:
-        >>> imp = FloorImportance(tp.importance.MagnitudeImportance(p=1), layer_widths(model))  # doctest: +SKIP
-    """
-
-    def __init__(self, inner: Any, initial_widths: Mapping[str, int], *, min_keep_ratio: float = 0.05):
-        if not 0.0 <= min_keep_ratio < 1.0:
-            raise ValueError(f"min_keep_ratio must be in [0, 1), got {min_keep_ratio!r}")
-        self.inner = inner
-        self.initial_widths = dict(initial_widths)
-        self.min_keep_ratio = min_keep_ratio
-
-    def floor(self, group: Any) -> int:
-        """Channels the group's root layer must keep (0 for partial groups)."""
-        width = _compat.current_width(group)
-        if width is None or width != len(group[0].idxs):
-            return 0
-        name = _compat.layer_name(group, group[0].dep.target.module)
-        return min(keep_floor(self.initial_widths.get(name, width), self.min_keep_ratio), width)
-
-    def __call__(self, group: Any) -> Tensor | None:
-        """The wrapped scores with the ``floor`` best channels raised to ``+inf``."""
-        scores = self.inner(group)
-        if scores is None:
-            return None
-        floor = self.floor(group)
-        if floor <= 0 or floor > scores.numel():
-            return scores
-        scores = scores.clone().float()
-        scores[torch.topk(scores, floor).indices] = float("inf")
-        return scores
 
 
 def build_importance(method: Method, initial_widths: Mapping[str, int], *, seed: int = 0,

@@ -1,0 +1,99 @@
+"""The paper's per-layer floor: every layer keeps ``int(min_keep_ratio * original_width) + 1`` channels.
+
+torch-pruning's ``max_pruning_ratio`` does not cap a single global step, and a group that would empty a layer is
+dropped whole, so the achieved ratio silently undershoots (TORCH_PRUNING_NOTES.md). The floor is enforced in the
+scores instead: a group's best ``floor`` channels score ``+inf``, so global ranking can never take them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor
+
+from . import _compat
+
+
+def keep_floor(initial_width: int, min_keep_ratio: float) -> int:
+    """The paper's per-layer floor: keep ``int(min_keep_ratio * initial_width) + 1`` channels.
+
+    Example:
+        >>> keep_floor(64, 0.05)
+        4
+    """
+    return int(min_keep_ratio * initial_width) + 1
+
+
+def protect_best(scores: Tensor, count: int) -> Tensor:
+    """A copy of ``scores`` with its ``count`` highest entries set to ``+inf``.
+
+    Example:
+        >>> protect_best(torch.tensor([3.0, 1.0, 2.0]), 1)
+        tensor([inf, 1., 2.])
+    """
+    scores = scores.clone().float()
+    if count > 0:
+        scores[torch.topk(scores, min(count, scores.numel())).indices] = float("inf")
+    return scores
+
+
+class LayerFloor:
+    """Applies the floor to a group's scores, remembering each root layer's original width by name.
+
+    Args:
+        min_keep_ratio: 0.05 in the paper (the 95% per-layer cap).
+        initial_widths: ``{layer name: original width}`` (e.g. :func:`orthoreg_tp.layer_widths` of the dense
+            model), so the floor stays the original network's across rounds, new importance objects and resumed
+            runs. Layers not in it are recorded the first time they are seen.
+
+    Example:
+        >>> floor = LayerFloor(0.05, {"features.0": 64})
+        >>> scores = floor(group, scores)  # doctest: +SKIP
+    """
+
+    def __init__(self, min_keep_ratio: float = 0.05, initial_widths: Mapping[str, int] | None = None) -> None:
+        if not 0.0 <= min_keep_ratio < 1.0:
+            raise ValueError(f"min_keep_ratio must be in [0, 1), got {min_keep_ratio!r}")
+        self.min_keep_ratio = float(min_keep_ratio)
+        self.initial_widths: dict[str, int] = dict(initial_widths or {})
+
+    def count(self, group: Any) -> int:
+        """Channels the group's root layer must keep (0 for a partial group of user-chosen indices)."""
+        width = _compat.current_width(group)
+        if width is None or width != len(group[0].idxs):
+            return 0
+        name = _compat.layer_name(group, group[0].dep.target.module)
+        initial = self.initial_widths.setdefault(name, width)
+        return min(keep_floor(initial, self.min_keep_ratio), width)
+
+    def __call__(self, group: Any, scores: Tensor) -> Tensor:
+        """``scores`` with the group's best :meth:`count` channels raised to ``+inf``."""
+        count = self.count(group) if scores.numel() == len(group[0].idxs) else 0
+        return protect_best(scores, count) if count > 0 else scores
+
+
+class FloorImportance(tp.importance.Importance):
+    """Wrap any importance (torch-pruning's built-ins included) so every layer keeps the paper's floor.
+
+    Args:
+        inner: Any torch-pruning importance.
+        initial_widths: ``{layer name: original width}``; see :class:`LayerFloor`.
+        min_keep_ratio: 0.05 in the paper.
+
+    Example:
+        >>> imp = FloorImportance(tp.importance.MagnitudeImportance(p=1, normalizer=None), layer_widths(model))
+        ... # doctest: +SKIP
+    """
+
+    def __init__(self, inner: Any, initial_widths: Mapping[str, int] | None = None, *,
+                 min_keep_ratio: float = 0.05) -> None:
+        self.inner = inner
+        self.floor = LayerFloor(min_keep_ratio, initial_widths)
+
+    def __call__(self, group: Any) -> Tensor | None:
+        """The wrapped importance's scores with the floor applied."""
+        scores = self.inner(group)
+        return None if scores is None else self.floor(group, scores)
