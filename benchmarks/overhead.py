@@ -54,6 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--extrapolate-batch", type=int, default=128, help="report the step ratio extrapolated here")
     p.add_argument("--importance-batches", type=int, default=2, help="N = batches x batch size samples")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--name", default="overhead")
     p.add_argument("--memory-child", nargs=3, metavar=("MODEL", "MODE", "BATCHES"), help=argparse.SUPPRESS)
@@ -251,7 +252,8 @@ def memory(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for nb in (args.importance_batches, 4 * args.importance_batches):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, mode, str(nb),
                    "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-                   "--num-classes", str(args.num_classes), "--device", args.device]
+                   "--num-classes", str(args.num_classes), "--device", args.device,
+                   *(["--threads", str(args.threads)] if args.threads else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append({"mode": mode, "samples": nb * args.batch_size, **r,
@@ -309,6 +311,8 @@ def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, dev
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args)
         return {}
