@@ -33,6 +33,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from . import _compat
+from .accumulate import model_device, to_device
 from .importance import AccumulatingImportance, LossFn, OrthoRegImportance, default_loss
 from .metrics import filter_correlations, layer_widths, orthonormality
 from .regularizer import find_classifier
@@ -238,20 +239,15 @@ def mean_loss(model: nn.Module, batches: Iterable, *, loss_fn: LossFn = default_
         >>> mean_loss(model.eval(), [(x, y)])  # doctest: +SKIP
         0.1234
     """
-    device = _device(model)
+    device = model_device(model)
     total, count = 0.0, 0
     for x, y in batches:
         y = y.to(device)
-        total += float(loss_fn(model(x.to(device)), y).double()) * y.shape[0]
+        total += float(loss_fn(model(to_device(x, device)), y).double()) * y.shape[0]
         count += y.shape[0]
     if count == 0:
         raise ValueError("batches yielded no samples to measure the loss on")
     return total / count
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -545,10 +541,10 @@ def additivity(
         raise ValueError(f"num_samples must be positive or None, got {num_samples!r}")
     _group_size(group_size, width=None, name="")  # validate before any work
     batches = _take_batches(data, num_samples)
-    device = _device(model)
+    device = model_device(model)
     if example_inputs is None:
         x0 = batches[0][0]
-        example_inputs = (x0[:2] if isinstance(x0, Tensor) else x0).to(device)
+        example_inputs = to_device(x0[:2] if isinstance(x0, Tensor) else x0, device)
     was_training = model.training
     try:
         groups = _resolve_groups(model, layer_or_groups, example_inputs)
