@@ -6,8 +6,8 @@
    paths are timed alongside: the analytic gradient every k steps scaled by k (lazy regularization) and the
    Gram computations of same-shaped layers batched into one ``bmm``.
 2. ``OrthoRegImportance.accumulate`` vs. a plain forward+backward loop over the same samples (goal <= 1.10x).
-3. Peak memory of both over N and 4N samples, each in a fresh process (CPU: ``ru_maxrss``; CUDA: the
-   allocator's peak), against the parameter size (goal: O(parameters), independent of N).
+3. Peak memory of both over N and 4N samples, each in a fresh process (CPU: heap in use from glibc's ``mallinfo2``,
+   sampled; CUDA: the allocator's peak), against the parameter size (goal: O(parameters), independent of N).
 
     python benchmarks/overhead.py                      # CPU, batch 32, ~10 min on 2 cores
     python benchmarks/overhead.py --device cuda --batch-size 128
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32, help="CIFAR-sized inputs (ViT: 4x4 patches, 64 tokens)")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (after one warm-up)")
-    p.add_argument("--every-k", type=int, default=4, help="the lazy-regularization prototype's period")
+    p.add_argument("--every-k", type=int, nargs="+", default=[4, 10], help="lazy-regularization prototype periods")
     p.add_argument("--extrapolate-batch", type=int, default=128, help="report the step ratio extrapolated here")
     p.add_argument("--importance-batches", type=int, default=2, help="N = batches x batch size samples")
     p.add_argument("--skip-memory", action="store_true")
@@ -135,7 +135,7 @@ def step_overhead(name: str, args: argparse.Namespace, device: torch.device) -> 
     model.train()
     reg = OrthoRegularizer(model, coefficient)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    batched, lazy = BatchedRegularize(reg), EveryK(reg, args.every_k)
+    batched = BatchedRegularize(reg)
 
     # the batched prototype computes the same gradient as the core implementation
     model.zero_grad(set_to_none=True)
@@ -159,24 +159,36 @@ def step_overhead(name: str, args: argparse.Namespace, device: torch.device) -> 
     def penalty_alone() -> None:
         reg.penalty().backward()
 
+    def lazy_steps(k: int):
+        lazy = EveryK(reg, k)
+
+        def run() -> None:  # one timed call = k steps, so every call holds exactly one regularized step
+            for _ in range(k):
+                step(lazy)
+
+        return run
+
     variants = {
         "plain": lambda: step(),
         "penalty": lambda: step(penalty=True),
         "regularize": lambda: step(reg.regularize),
-        f"every{args.every_k}": lambda: step(lazy),
+        **{f"every{k}": lazy_steps(k) for k in args.every_k},
         "batched": lambda: step(batched),
         "regularize_alone": reg.regularize,
         "penalty_alone": penalty_alone,
     }
     times = interleaved_times(variants, repeats=args.repeats, warmup=1, device=device)
+    for k in args.every_k:
+        times[f"every{k}"] = [t / k for t in times[f"every{k}"]]
     med = {k: median(v) for k, v in times.items()}
+    lazy_names = [f"every{k}" for k in args.every_k]
     plain = med["plain"]
     scale = args.extrapolate_batch / args.batch_size
     out = {
         "model": name, "batch_size": args.batch_size, "input": [3, args.image_size, args.image_size],
         "params": sum(p.numel() for p in model.parameters()), "regularized_layers": len(reg.layers),
         "coefficient": coefficient, "median_seconds": med, "times": times,
-        "ratio": {k: med[k] / plain for k in ("penalty", "regularize", f"every{args.every_k}", "batched")},
+        "ratio": {v: med[v] / plain for v in ("penalty", "regularize", "batched", *lazy_names)},
         "batched_max_grad_diff": max_diff,
         # regularizer cost is independent of the batch; the rest of the step scales with it
         f"regularize_ratio_extrapolated_b{args.extrapolate_batch}": 1 + med["regularize_alone"] / (plain * scale),
@@ -210,40 +222,79 @@ def importance_cost(name: str, args: argparse.Namespace, device: torch.device) -
 
 
 # ------------------------------------------------------------------------------------------------ 3. memory
+class HeapMeter:
+    """Bytes in use on the heap (glibc ``mallinfo2``: torch's CPU tensors included) and their peak over a block.
+
+    A sampling thread polls while the block runs (torch releases the GIL inside ops); CUDA uses the allocator's own
+    statistics instead.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type != "cuda":
+            import ctypes
+
+            class Mallinfo2(ctypes.Structure):
+                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                           "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+            self._libc = ctypes.CDLL("libc.so.6")
+            self._libc.mallinfo2.restype = Mallinfo2
+
+    def in_use(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        info = self._libc.mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    def peak_during(self, fn) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            sync(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        peak, done = [self.in_use()], threading.Event()
+
+        def poll() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], self.in_use())
+                time.sleep(2e-4)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            fn()
+        finally:
+            done.set()
+            thread.join()
+        return max(peak[0], self.in_use())
+
+
 def memory_child(args: argparse.Namespace) -> None:
-    """Run in a fresh process: peak memory of one mode over ``BATCHES`` batches, printed as JSON."""
+    """Run in a fresh process: heap peak of one mode over ``BATCHES`` batches, printed as JSON."""
     name, mode, nb = args.memory_child[0], args.memory_child[1], int(args.memory_child[2])
     device = resolve_device(args.device)
     model, x, y, _ = make(name, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
     imp = OrthoRegImportance(min_keep_ratio=None)
-    batches = ((x, y) for _ in range(nb))
-    # warm-up: one forward+backward so allocator caches and lazy init are in the baseline of both modes
+    meter = HeapMeter(device)
+    # warm-up: one forward+backward so lazy initialization is in the baseline of both modes
     torch.autograd.grad(F.cross_entropy(model.eval()(x), y), params)
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        before = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if mode == "accumulate":
-        imp.accumulate(model, batches, nb * args.batch_size, progress=False)
-    else:
-        for xb, yb in batches:
-            torch.autograd.grad(F.cross_entropy(model(xb), yb), params)
+    before = meter.in_use()
+
+    def run() -> None:
+        batches = ((x, y) for _ in range(nb))
+        if mode == "accumulate":
+            imp.accumulate(model, batches, nb * args.batch_size, progress=False)
+        else:
+            for xb, yb in batches:
+                torch.autograd.grad(F.cross_entropy(model(xb), yb), params)
+
+    peak = meter.peak_during(run)
     sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"before": before, "peak": peak, "peak_before_loop": peak_before,
+    print(json.dumps({"before": before, "peak": peak, "retained": meter.in_use() - before,
                       "param_bytes": sum(p.numel() * p.element_size() for p in params)}))
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def memory(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -256,20 +307,18 @@ def memory(name: str, args: argparse.Namespace) -> dict[str, Any]:
                    *(["--threads", str(args.threads)] if args.threads else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append({"mode": mode, "samples": nb * args.batch_size, **r,
-                         "extra_peak": r["peak"] - r["before"]})
+            rows.append({"mode": mode, "samples": nb * args.batch_size, **r, "extra_peak": r["peak"] - r["before"]})
     return {"model": name, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------ main
 def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, device: torch.device) -> str:
-    k = f"every{args.every_k}"
     b = args.extrapolate_batch
     step_rows = [[
         s["model"], f"{s['params'] / 1e6:.1f}M", f"{s['median_seconds']['plain'] * 1e3:.0f}",
         f"{s['ratio']['penalty']:.3f}", f"{s['ratio']['regularize']:.3f}",
-        f"{s['median_seconds']['regularize_alone'] * 1e3:.0f}", f"{s['ratio']['batched']:.3f}", f"{s['ratio'][k]:.3f}",
-        f"{s[f'regularize_ratio_extrapolated_b{b}']:.3f}",
+        f"{s['median_seconds']['regularize_alone'] * 1e3:.0f}", f"{s['ratio']['batched']:.3f}",
+        *(f"{s['ratio'][f'every{k}']:.3f}" for k in args.every_k), f"{s[f'regularize_ratio_extrapolated_b{b}']:.3f}",
         "met" if s["ratio"]["regularize"] <= STEP_GOAL else "missed"] for s in steps]
     parts = [
         "### Overhead of the regularizer (training step)",
@@ -278,7 +327,8 @@ def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, dev
         f"plain step time. The last ratio is extrapolated (regularizer time measured alone, rest of the step "
         f"scaled linearly to batch {b}).",
         markdown_table(["model", "params", "plain step ms", "penalty() ratio", "regularize() ratio",
-                        "regularize() alone ms", "batched-Gram prototype", f"every-{args.every_k} prototype",
+                        "regularize() alone ms", "batched-Gram prototype",
+                        *(f"every-{k} prototype" for k in args.every_k),
                         f"regularize() @ batch {b} (extrap.)", f"goal <= {STEP_GOAL}x"], step_rows),
     ]
     if imps:
@@ -297,16 +347,19 @@ def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, dev
             cells = [m["model"], f"{pb / 2**20:.0f}"]
             for mode in ("forward_backward", "accumulate"):
                 cells += [f"{by[(mode, n)]['extra_peak'] / 2**20:.0f}" for n in samples]
-            extra = [(by[("accumulate", n)]["extra_peak"] - by[("forward_backward", n)]["extra_peak"]) / pb
-                     for n in samples]
-            cells += [" / ".join(f"{e:.2f}" for e in extra)]
+            diff = [(by[("accumulate", n)]["extra_peak"] - by[("forward_backward", n)]["extra_peak"]) / pb
+                    for n in samples]
+            cells.append(" / ".join(f"{d:.2f}" for d in diff))
+            cells.append(" / ".join(f"{by[('accumulate', n)]['retained'] / pb:.2f}" for n in samples))
             rows.append(cells)
         n0, n1 = sorted({r["samples"] for r in mems[0]["rows"]})
         parts += ["### Peak memory of importance estimation (fresh process per cell)",
-                  f"Peak memory above the model and data already in memory (CPU: peak RSS; CUDA: allocator peak), "
-                  f"MiB, over N = {n0} and {n1} samples.",
+                  f"Peak heap in use above the model, data and one warm-up backward already in memory (CPU: glibc "
+                  f"`mallinfo2` sampled every 0.2 ms; CUDA: allocator peak), MiB, over N = {n0} and {n1} samples; "
+                  f"then the differences in units of the parameter size.",
                   markdown_table(["model", "params MiB", f"fwd+bwd N={n0}", f"fwd+bwd N={n1}", f"accumulate N={n0}",
-                                  f"accumulate N={n1}", "accumulate - fwd+bwd, in parameter sizes"], rows)]
+                                  f"accumulate N={n1}", f"accumulate - fwd+bwd peak (N={n0} / {n1}), x params",
+                                  "retained after accumulate, x params"], rows)]
     return "\n\n".join(parts)
 
 
