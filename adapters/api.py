@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .generic import LAYER_TYPES, describe_modules, run_model, trace_outputs
-from .hostfix import host_fixes
+from .hostfix import GroupExplosion, host_fixes
 from .registry import AdapterContext, ModelAdapter, model_adapters
 from .report import PruneReport, PruningError
 from .spec import FixupError, PruningSpec, SpecPart, merge_parts
@@ -76,7 +76,7 @@ def _build_spec(model: nn.Module, example_inputs: Any, unpack: bool | None, free
     source = adapter.source if adapter is not None else "generic"
     names = {m: n for n, m in model.named_modules()}
     ctx = AdapterContext(model=model, names=names, source=source)
-    _, out_layers = trace_outputs(model, example_inputs, unpack=unpack)
+    _, out_layers, functional = trace_outputs(model, example_inputs, unpack=unpack)
     parts = [
         SpecPart(
             ignored_layers=list(out_layers),
@@ -86,6 +86,12 @@ def _build_spec(model: nn.Module, example_inputs: Any, unpack: bool | None, free
     if adapter is not None:
         parts.append(adapter.describe(model, ctx))
     parts.extend(describe_modules(model, ctx, freeze_unhandled=freeze_unhandled))
+    handled = {i for part in parts for i in part.handled}
+    parts[0].unhandled.extend(
+        f"{names.get(m, '?')} ({type(m).__name__}): weight used functionally, invisible to torch-pruning"
+        for m in functional
+        if id(m) not in handled
+    )
     check_shape = adapter.check_output_shape(model) if adapter is not None else True
     return merge_parts(parts, model_class=type(model).__name__, source=source, check_output_shape=check_shape)
 
@@ -190,6 +196,8 @@ def _run_pruner(
                 current[0] = group[0].dep.target.module
                 group.prune()
     except Exception as exc:
+        if isinstance(exc, GroupExplosion):
+            current[0] = exc.module
         layer = names.get(current[0]) if current[0] is not None else None
         stage = "graph build" if current[0] is None else "pruning step"
         raise _StepError(f"torch-pruning {stage} failed: {type(exc).__name__}: {exc}", layer) from exc
@@ -317,6 +325,22 @@ def prune(
                 raise VerificationError(problem, layer)
             return result
 
+        frozen_classes: dict[type, int] = {}
+
+        def freeze(name: str, reason: str) -> None:
+            module = model.get_submodule(name)
+            cls = type(module)
+            seen = frozen_classes.get(cls, 0)
+            frozen_classes[cls] = seen + 1
+            targets = [(name, module)]
+            if seen and not cls.__module__.startswith("torch."):
+                # a second instance of the same class failed: freeze the whole class at once
+                targets = [(n, m) for n, m in model.named_modules() if type(m) is cls and n not in frozen]
+                reason = f"every {cls.__name__} ({len(targets)} more): {reason}"
+            for n, m in targets:
+                frozen[n] = reason
+                extra_ignored.extend(x for x in m.modules() if isinstance(x, LAYER_TYPES))
+
         def attempt_repaired(r: float) -> ForwardResult:
             while True:
                 try:
@@ -324,12 +348,10 @@ def prune(
                 except (_StepError, VerificationError) as err:
                     restore(snap)
                     candidate = _freeze_candidate(model, err.layer, frozen, layer_first=isinstance(err, _StepError))
-                    if candidate is None or len(frozen) >= max_repairs:
-                        raise PruningError(model_class, err.layer, str(err)) from err
-                    frozen[candidate] = f"{type(err).__name__.lstrip('_')}: {err}"[:300]
-                    extra_ignored.extend(
-                        m for m in model.get_submodule(candidate).modules() if isinstance(m, LAYER_TYPES)
-                    )
+                    if candidate is None or sum(frozen_classes.values()) >= max_repairs:
+                        after = f" (after freezing {', '.join(frozen) or 'nothing'})" if frozen else ""
+                        raise PruningError(model_class, err.layer, f"{err}{after}") from err
+                    freeze(candidate, f"{type(err).__name__.lstrip('_')}: {err}"[:300])
                 except FixupError as err:
                     restore(snap)
                     raise PruningError(model_class, err.layer, str(err)) from err

@@ -131,16 +131,44 @@ def find_output_layers(model: nn.Module, outputs: Iterable[torch.Tensor], grad_f
     return found
 
 
-def trace_outputs(model: nn.Module, example_inputs: Any, *, unpack: bool | None = None) -> tuple[Any, list[Any]]:
-    """Run one forward pass with autograd and return ``(output, output_layers)``."""
+def _used_parameters(outputs: Iterable[torch.Tensor]) -> set[int]:
+    """Ids of the leaf tensors (parameters) the outputs' autograd graph reads."""
+    used: set[int] = set()
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            used.add(id(variable))
+        stack.extend(nxt for nxt, _ in getattr(fn, "next_functions", ()) if nxt is not None)
+    return used
+
+
+def trace_outputs(
+    model: nn.Module, example_inputs: Any, *, unpack: bool | None = None
+) -> tuple[Any, list[Any], list[nn.Module]]:
+    """Run one forward pass with autograd.
+
+    Returns:
+        ``(output, output_layers, functional_layers)``: the output layers (see :func:`find_output_layers`) and
+        the conv/linear layers whose weights the graph uses without calling the layer (``F.linear(x,
+        layer.weight)``), which torch-pruning cannot see.
+    """
     grad_fn_to_layer: dict[Any, nn.Module] = {}
+    fired: set[int] = set()
 
     def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        fired.add(id(module))
         first = flatten_tensors(output)
         if first and first[0].grad_fn is not None:
             grad_fn_to_layer[first[0].grad_fn] = module
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    layers = [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    handles = [m.register_forward_hook(hook) for m in layers]
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in flags:
@@ -152,7 +180,12 @@ def trace_outputs(model: nn.Module, example_inputs: Any, *, unpack: bool | None 
             h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return out, find_output_layers(model, flatten_tensors(out), grad_fn_to_layer)
+    tensors = flatten_tensors(out)
+    used = _used_parameters(tensors)
+    functional = [
+        m for m in layers if id(m) not in fired and any(id(p) in used for p in m.parameters(recurse=False))
+    ]
+    return out, find_output_layers(model, tensors, grad_fn_to_layer), functional
 
 
 def _last_non_singleton_dim(param: torch.Tensor) -> int | None:

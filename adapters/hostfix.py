@@ -11,9 +11,23 @@ the patched names disappear.
   real NCHW flatten: a 4-D input whose dim 1 is the producer's channel count, flattened into exactly
   ``C * H * W`` consumer channels. Anything else keeps the identity mapping, as torch-pruning already does for
   every reshape it cannot infer; adapters and the forward check catch what that leaves coupled wrongly.
-- ``_ConcatIndexMapping`` / ``_SplitIndexMapping`` read ``offset[1]`` even when channel inference failed and
-  left a one-element offset list: IndexError while building groups. The guard maps such indices to nothing
-  (the dependency is not followed); the forward check then catches any inconsistency.
+- The other ``update_*_index_mapping`` functions fail on shapes they do not expect (``sum`` over a channel
+  list holding ``None`` in ``update_concat_index_mapping`` on CoaT; a 5-D ``expand`` taken for Hugging Face
+  grouped-query attention with ``head_dim`` 0 on HaloNet). Each is guarded: on an exception the node keeps the
+  identity mapping, which is what these functions already do whenever they cannot infer a shape.
+- ``DependencyGraph.get_pruning_group`` walks the graph re-adding a dependency whenever it arrives with a
+  different index list, and checks membership with a linear scan: on graphs with many coupled paths
+  (HaloNet, NFNet, RexNet, FocalNet, EfficientViT) the walk takes minutes or never ends. The replacement
+  propagates, per (layer, handler), only indices not propagated before, and drops indices beyond a layer's
+  width, or beyond the widest layer for parameter-free ops (only wrong mappings produce them). Every index
+  mapping acts index by index, so the merged group it returns is the one torch-pruning would return. A walk
+  that still grows past :data:`INDEX_BUDGET` entries raises :class:`GroupExplosion` naming the root layer,
+  which :func:`~orthoreg_tp.adapters.prune` then freezes. Index mappings are refreshed only when a group
+  was pruned since the last walk (``Group.prune`` bumps a counter), not on every walk.
+- The index-mapping objects (``_ConcatIndexMapping``, ``_SplitIndexMapping``, ``_GQAIndexMapping``, ...)
+  read ``offset[1]`` from one-element offset lists or divide by 0 when inference went wrong: IndexError or
+  ZeroDivisionError while building groups. The guard maps such indices to nothing (the dependency is not
+  followed); the forward check of :func:`~orthoreg_tp.adapters.prune` then catches any inconsistency.
 """
 
 from __future__ import annotations
@@ -21,17 +35,37 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from numbers import Number
 from typing import Any
 
+import torch.nn as nn
+from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
+from torch_pruning.dependency.dependency import Dependency
+from torch_pruning.dependency.graph import DependencyGraph
+from torch_pruning.dependency.group import Group
+from torch_pruning.pruner import function
 
-__all__ = ["PATCHED", "host_fixes", "strict_reshape_index_mapping"]
+__all__ = ["INDEX_BUDGET", "PATCHED", "GroupExplosion", "host_fixes", "strict_reshape_index_mapping"]
+
+_UPDATERS = (
+    "update_concat_index_mapping",
+    "update_split_index_mapping",
+    "update_unbind_index_mapping",
+    "update_expand_index_mapping",
+    "update_slice_index_mapping",
+)
+_MAPPINGS = tuple(
+    getattr(index_mapping, name)
+    for name in ("_FlattenIndexMapping", "_ConcatIndexMapping", "_SplitIndexMapping", "_GQAIndexMapping",
+                 "_SliceIndexMapping")
+)
 
 #: ``(owner, attribute)`` pairs replaced by :func:`host_fixes`.
 PATCHED = (
-    (index_mapping, "update_reshape_index_mapping"),
-    (index_mapping._ConcatIndexMapping, "__call__"),
-    (index_mapping._SplitIndexMapping, "__call__"),
+    ((index_mapping, "update_reshape_index_mapping"), (DependencyGraph, "get_pruning_group"), (Group, "prune"))
+    + tuple((index_mapping, name) for name in _UPDATERS)
+    + tuple((cls, "__call__") for cls in _MAPPINGS)
 )
 
 
@@ -53,10 +87,10 @@ def _consumer_channels(graph: Any, node: Any) -> int | None:
 
 def strict_reshape_index_mapping(graph: Any, node: Any) -> None:
     """Map indices through a reshape only when it is a real NCHW flatten (see the module docstring)."""
-    size = getattr(node.grad_fn, "_saved_self_sizes", None)
+    size = getattr(node.grad_fn, "_saved_self_sizes", None) or getattr(node.grad_fn, "_saved_self_sym_sizes", None)
     if size is None or len(size) != 4:
         return
-    channels, spatial = size[1], size[2] * size[3]
+    channels, spatial = int(size[1]), int(size[2]) * int(size[3])
     if spatial <= 1 or _producer_channels(graph, node) != channels:
         return
     if _consumer_channels(graph, node) != channels * spatial:
@@ -70,12 +104,148 @@ def strict_reshape_index_mapping(graph: Any, node: Any) -> None:
                 dep.index_mapping[0] = index_mapping._FlattenIndexMapping(stride=spatial, reverse=False)
 
 
-def _guard_offsets(call: Any) -> Any:
+#: Most (layer, index) entries one group walk may collect before :class:`GroupExplosion` is raised.
+INDEX_BUDGET = 1_000_000
+
+
+class GroupExplosion(RuntimeError):
+    """A dependency walk kept producing new indices; ``module`` is the root it started from."""
+
+    def __init__(self, module: Any, size: int) -> None:
+        super().__init__(f"dependency group grew past {size:,} index entries (wrong index mappings)")
+        self.module = module
+
+
+def _max_width(graph: Any) -> int:
+    cached = getattr(graph, "_orthoreg_max_width", None)
+    if cached is None:
+        cached = 1
+        for module in graph.module2node:
+            for value in (getattr(module, a, None) for a in ("in_channels", "out_channels", "in_features",
+                                                             "out_features", "num_features", "embed_dim")):
+                if isinstance(value, int):
+                    cached = max(cached, value)
+            if isinstance(module, nn.Parameter):
+                cached = max(cached, *module.shape) if module.dim() else cached
+        graph._orthoreg_max_width = cached
+    return cached
+
+
+def _width(graph: Any, dep: Any) -> int:
+    """Channel count of a dependency's target, or the widest layer for ops without one."""
+    width = None
+    try:
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            width = graph.get_out_channels(dep.target)
+        elif graph.is_in_channel_pruning_fn(dep.handler):
+            width = graph.get_in_channels(dep.target)
+    except Exception:
+        width = None
+    return width if isinstance(width, int) and width > 0 else _max_width(graph)
+
+
+def convergent_get_pruning_group(self: Any, module: Any, pruning_fn: Any, idxs: Any) -> Any:
+    """``DependencyGraph.get_pruning_group`` that propagates each (layer, handler, index) once."""
+    if module not in self.module2node:
+        raise ValueError(f"Module {module} is not in the dependency graph.")
+    if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
+        pruning_fn = function.prune_depthwise_conv_out_channels
+    if isinstance(idxs, Number):
+        idxs = [idxs]
+    idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
+    generation = getattr(self, "_orthoreg_generation", 0)
+    if getattr(self, "_orthoreg_mapped", None) != generation:  # refresh offsets only after the model changed
+        index_mapping.update_index_mapping(self)
+        self._orthoreg_mapped = generation
+
+    group = Group()
+    root = self.module2node[module]
+    root_dep = Dependency(pruning_fn, pruning_fn, source=root, target=root)
+    group.add_dep(dep=root_dep, idxs=idxs)
+    propagated: dict[tuple[Any, Any], set[int]] = {(root, pruning_fn): {i.idx for i in idxs}}
+    widths: dict[tuple[Any, Any], int] = {}
+    total = len(idxs)
+    stack = [(root_dep, idxs)]
+    while stack:
+        dep, dep_idxs = stack.pop()
+        for new_dep in dep.target.dependencies:
+            if not new_dep.is_triggered_by(dep.handler):
+                continue
+            new_idxs = dep_idxs
+            for mapping in new_dep.index_mapping:
+                if mapping is not None:
+                    new_idxs = mapping(new_idxs)
+            if not new_idxs:
+                continue
+            key = (new_dep.target, new_dep.handler)
+            known = propagated.setdefault(key, set())
+            if key not in widths:
+                widths[key] = _width(self, new_dep)
+            width = widths[key]
+            fresh = []
+            for i in new_idxs:
+                if i.idx not in known and 0 <= i.idx < width:
+                    known.add(i.idx)
+                    fresh.append(i)
+            if fresh:
+                total += len(fresh)
+                if total > INDEX_BUDGET:
+                    raise GroupExplosion(module, INDEX_BUDGET)
+                group.add_dep(new_dep, fresh)
+                stack.append((new_dep, fresh))
+
+    merged_items: dict[tuple[Any, Any], tuple[Any, list, set]] = {}
+    for dep, dep_idxs in group.items:
+        if isinstance(dep.target.module, nn.Parameter) and any(dep.target.module is p for p in self.ignored_params):
+            continue
+        entry = merged_items.setdefault((dep.target, dep.handler), (dep, [], set()))
+        for i in dep_idxs:
+            if i.idx not in entry[2]:
+                entry[2].add(i.idx)
+                entry[1].append(i)
+    merged = Group()
+    for dep, dep_idxs, _ in merged_items.values():
+        merged.add_dep(dep, dep_idxs)
+    merged._DG = self
+    for i in range(len(merged)):
+        hybrid = merged[i].idxs
+        merged[i] = _helpers.GroupItem(merged[i].dep, _helpers.to_plain_idxs(hybrid))
+        merged[i].root_idxs = _helpers.to_root_idxs(hybrid)
+    return merged
+
+
+def _counting_prune(prune: Any) -> Any:
+    @functools.wraps(prune)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        graph = self._DG
+        if graph is not None:
+            graph._orthoreg_generation = getattr(graph, "_orthoreg_generation", 0) + 1
+        return prune(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _guard_updater(update: Any) -> Any:
+    @functools.wraps(update)
+    def wrapper(graph: Any, node: Any) -> Any:
+        try:
+            return update(graph, node)
+        except (ArithmeticError, IndexError, TypeError, ValueError):
+            return None  # shape not inferable: keep the identity mapping
+
+    return wrapper
+
+
+def _guard_mapping(call: Any) -> Any:
     @functools.wraps(call)
     def wrapper(self: Any, idxs: Any) -> Any:
-        if self.offset is None or len(self.offset) < 2:
+        offset = getattr(self, "offset", None)
+        if offset is not None and len(offset) < 2:
             return []  # channel inference failed for this concat/split: do not follow the dependency
-        return call(self, idxs)
+        try:
+            return call(self, idxs)
+        except (ArithmeticError, IndexError, TypeError):
+            return []
 
     return wrapper
 
@@ -100,8 +270,12 @@ def host_fixes() -> Iterator[None]:
     """
     saved = [(owner, name, owner.__dict__[name]) for owner, name in PATCHED]
     index_mapping.update_reshape_index_mapping = strict_reshape_index_mapping
-    for owner in (index_mapping._ConcatIndexMapping, index_mapping._SplitIndexMapping):
-        owner.__call__ = _guard_offsets(owner.__dict__["__call__"])
+    DependencyGraph.get_pruning_group = convergent_get_pruning_group
+    Group.prune = _counting_prune(Group.__dict__["prune"])
+    for name in _UPDATERS:
+        setattr(index_mapping, name, _guard_updater(getattr(index_mapping, name)))
+    for cls in _MAPPINGS:
+        cls.__call__ = _guard_mapping(cls.__dict__["__call__"])
     try:
         yield
     finally:

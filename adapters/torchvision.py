@@ -2,8 +2,9 @@
 
 - ``VisionTransformer`` reshapes patches with its cached ``hidden_dim``: synced after pruning; the stream is
   rounded to the head count because ``nn.MultiheadAttention`` needs ``embed_dim % num_heads == 0``.
-- Swin's ``shifted_window_attention`` reshapes with the *input* width (``C // num_heads``), so its heads and
-  the stream they read are kept (``frozen``); MLP hidden widths are pruned.
+- Swin's ``shifted_window_attention`` calls ``F.linear`` on the qkv/proj weights (torch-pruning never sees
+  those layers) and reshapes with the *input* width (``C // num_heads``), so its heads and the stream they
+  read are kept (``frozen``, with ``norm1`` pinning the stream); MLP hidden widths are pruned.
 - ShuffleNet-V2 mixes channels with ``channel_shuffle`` (a view/transpose/view that torch-pruning cannot map):
   each branch's last 1x1 conv keeps its outputs, so the shuffled streams keep their order; the inner branch
   widths and the final ``conv5`` are pruned.
@@ -100,9 +101,13 @@ def _vit(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
     )  # not `handled`: its submodules (MHA, tokens) still go through the generic pass
 
 
-@register_module_adapter(swin_transformer.ShiftedWindowAttention)
-def _swin_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
-    return frozen_block(module, "shifted_window_attention reshapes with the input width")
+@register_module_adapter(swin_transformer.SwinTransformerBlock)
+def _swin_block(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # shifted_window_attention calls F.linear with qkv/proj weights (invisible to torch-pruning) and reshapes
+    # with the input width: keep the attention and the stream it reads (norm1 sits on that stream).
+    part = frozen_block(module.attn, "shifted_window_attention reshapes with the input width")
+    part.ignored_layers.append(module.norm1)
+    return part
 
 
 @register_module_adapter(shufflenetv2.InvertedResidual)
