@@ -68,6 +68,8 @@ class OrthoRegularizer:
         include_bias: Append each layer's bias as one more column of its filter matrix.
         layer_weights: ``"sqrt"`` (``alpha_l = sqrt(d_l) / sum sqrt(d_m)``, the paper), ``"uniform"``, or a
             mapping from layer name to weight (layers not in it get 0).
+        every: Lazy regularization for :meth:`regularize`: apply the gradient on every ``every``-th call only,
+            scaled by ``every`` (same average strength, ``1/every`` of the cost; 1 = every step, the paper).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
@@ -86,6 +88,7 @@ class OrthoRegularizer:
         norm: Norm = "l1",
         include_bias: bool = True,
         layer_weights: Literal["sqrt", "uniform"] | Mapping[str, float] = "sqrt",
+        every: int = 1,
     ) -> None:
         if not float(coefficient) >= 0.0:
             raise ValueError(f"coefficient must be a non-negative number, got {coefficient!r}")
@@ -93,7 +96,11 @@ class OrthoRegularizer:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if isinstance(layer_weights, str) and layer_weights not in ("sqrt", "uniform"):
             raise ValueError(f"layer_weights must be 'sqrt', 'uniform' or a mapping, got {layer_weights!r}")
+        if int(every) != every or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
         self.model = model
+        self.every = int(every)
+        self._calls = 0
         self.coefficient = float(coefficient)
         self.norm = norm
         self.include_bias = include_bias
@@ -171,15 +178,17 @@ class OrthoRegularizer:
         """
         if model is not None and model is not self.model and getattr(model, "module", None) is not self.model:
             raise ValueError("regularize() got a different model than the one this regularizer was built for")
-        if self.coefficient == 0.0:
+        self._calls += 1
+        if self.coefficient == 0.0 or (self._calls - 1) % self.every:
             return
+        scale = self.coefficient * self.every
         alphas = self.weights()
         for name, m in self.layers:
             weight, bias, groups, transposed = _layer_parts(m, self.include_bias)
             blocks = filter_matrix(
                 weight.detach(), None if bias is None else bias.detach(), groups=groups, transposed=transposed
             )
-            grad_blocks = ortho_penalty_grad(blocks, self.norm) * (self.coefficient * alphas[name])
+            grad_blocks = ortho_penalty_grad(blocks, self.norm) * (scale * alphas[name])
             gw, gb = filter_matrix_grad_to_params(
                 grad_blocks, weight.shape, has_bias=bias is not None, groups=groups, transposed=transposed
             )

@@ -160,3 +160,20 @@ def test_bad_arguments(kwargs, match):
 def test_model_without_conv_or_linear():
     with pytest.raises(ValueError, match="no conv/linear layer"):
         OrthoRegularizer(nn.Sequential(nn.BatchNorm1d(3), nn.ReLU()))
+
+
+def test_lazy_regularization_applies_every_kth_call_scaled():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 2)).double()
+    eager = OrthoRegularizer(model, coefficient=0.1)
+    lazy = OrthoRegularizer(model, coefficient=0.1, every=3)
+    eager.regularize(model)
+    reference = model[0].weight.grad.clone()
+    grads = []
+    for _ in range(6):
+        model.zero_grad(set_to_none=True)
+        lazy.regularize(model)
+        grads.append(None if model[0].weight.grad is None else model[0].weight.grad.clone())
+    assert [g is not None for g in grads] == [True, False, False, True, False, False]
+    torch.testing.assert_close(grads[0], 3 * reference)
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        OrthoRegularizer(model, every=0)
