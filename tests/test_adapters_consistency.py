@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 import torchvision
-from torchvision.models import densenet, resnet
-
 from orthoreg_tp.adapters import host_fixes, prepare
+from torchvision.models import densenet, resnet
 
 _CONSUMER_FNS = {tp.prune_conv_in_channels, tp.prune_linear_in_channels}
 
