@@ -53,7 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--every-k", type=int, nargs="+", default=[4, 10], help="lazy-regularization prototype periods")
     p.add_argument("--extrapolate-batch", type=int, default=128, help="report the step ratio extrapolated here")
     p.add_argument("--importance-batches", type=int, default=2, help="N = batches x batch size samples")
-    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--sections", nargs="+", default=["steps", "importance", "memory"],
+                   choices=["steps", "importance", "memory"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--name", default="overhead")
@@ -270,13 +271,21 @@ class HeapMeter:
         return max(peak[0], self.in_use())
 
 
+class InplaceImportance(OrthoRegImportance):
+    """Prototype: scale each batch gradient in place instead of allocating ``g * n`` (one transient copy less)."""
+
+    def _batch_statistics(self, model, params, x, y, loss_fn):  # noqa: D102 - same contract as the core's
+        grads = torch.autograd.grad(loss_fn(model(x), y), [p for _, p in params], allow_unused=True)
+        return [None if g is None else g.mul_(y.shape[0]) for g in grads]
+
+
 def memory_child(args: argparse.Namespace) -> None:
     """Run in a fresh process: heap peak of one mode over ``BATCHES`` batches, printed as JSON."""
     name, mode, nb = args.memory_child[0], args.memory_child[1], int(args.memory_child[2])
     device = resolve_device(args.device)
     model, x, y, _ = make(name, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    imp = OrthoRegImportance(min_keep_ratio=None)
+    imp = (InplaceImportance if mode == "accumulate_inplace" else OrthoRegImportance)(min_keep_ratio=None)
     meter = HeapMeter(device)
     # warm-up: one forward+backward so lazy initialization is in the baseline of both modes
     torch.autograd.grad(F.cross_entropy(model.eval()(x), y), params)
@@ -285,7 +294,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
     def run() -> None:
         batches = ((x, y) for _ in range(nb))
-        if mode == "accumulate":
+        if mode.startswith("accumulate"):
             imp.accumulate(model, batches, nb * args.batch_size, progress=False)
         else:
             for xb, yb in batches:
@@ -299,7 +308,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def memory(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rows = []
-    for mode in ("forward_backward", "accumulate"):
+    for mode in ("forward_backward", "accumulate", "accumulate_inplace"):
         for nb in (args.importance_batches, 4 * args.importance_batches):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, mode, str(nb),
                    "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
@@ -320,7 +329,7 @@ def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, dev
         f"{s['median_seconds']['regularize_alone'] * 1e3:.0f}", f"{s['ratio']['batched']:.3f}",
         *(f"{s['ratio'][f'every{k}']:.3f}" for k in args.every_k), f"{s[f'regularize_ratio_extrapolated_b{b}']:.3f}",
         "met" if s["ratio"]["regularize"] <= STEP_GOAL else "missed"] for s in steps]
-    parts = [
+    parts = [] if not steps else [
         "### Overhead of the regularizer (training step)",
         f"Batch {args.batch_size}, inputs 3x{args.image_size}x{args.image_size}, {args.num_classes} classes, "
         f"device {device.type}; median of {args.repeats} interleaved steps after one warm-up; ratio = step time / "
@@ -351,6 +360,9 @@ def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, dev
                     for n in samples]
             cells.append(" / ".join(f"{d:.2f}" for d in diff))
             cells.append(" / ".join(f"{by[('accumulate', n)]['retained'] / pb:.2f}" for n in samples))
+            proto = [(by[("accumulate_inplace", n)]["extra_peak"] - by[("forward_backward", n)]["extra_peak"]) / pb
+                     for n in samples]
+            cells.append(" / ".join(f"{d:.2f}" for d in proto))
             rows.append(cells)
         n0, n1 = sorted({r["samples"] for r in mems[0]["rows"]})
         parts += ["### Peak memory of importance estimation (fresh process per cell)",
@@ -359,7 +371,8 @@ def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, dev
                   f"then the differences in units of the parameter size.",
                   markdown_table(["model", "params MiB", f"fwd+bwd N={n0}", f"fwd+bwd N={n1}", f"accumulate N={n0}",
                                   f"accumulate N={n1}", f"accumulate - fwd+bwd peak (N={n0} / {n1}), x params",
-                                  "retained after accumulate, x params"], rows)]
+                                  "retained after accumulate, x params",
+                                  "in-place prototype - fwd+bwd peak, x params"], rows)]
     return "\n\n".join(parts)
 
 
@@ -373,11 +386,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     steps, imps, mems = [], [], []
     for name in args.models:
-        steps.append(step_overhead(name, args, device))
-        print(f"{name}: step ratios {steps[-1]['ratio']}", flush=True)
-        imps.append(importance_cost(name, args, device))
-        print(f"{name}: importance ratio {imps[-1]['ratio']:.3f}", flush=True)
-        if not args.skip_memory:
+        if "steps" in args.sections:
+            steps.append(step_overhead(name, args, device))
+            print(f"{name}: step ratios {steps[-1]['ratio']}", flush=True)
+        if "importance" in args.sections:
+            imps.append(importance_cost(name, args, device))
+            print(f"{name}: importance ratio {imps[-1]['ratio']:.3f}", flush=True)
+        if "memory" in args.sections:
             mems.append(memory(name, args))
     md = summarize(steps, imps, mems, args, device)
     wall = time.perf_counter() - start
