@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .generic import LAYER_TYPES, describe_modules, run_model, trace_outputs
+from .generic import LAYER_TYPES, describe_modules, input_producers, run_model, trace_outputs
 from .hostfix import GroupExplosion, host_fixes
 from .registry import AdapterContext, ModelAdapter, model_adapters
 from .report import PruneReport, PruningError
@@ -86,6 +86,10 @@ def _build_spec(model: nn.Module, example_inputs: Any, unpack: bool | None, free
     if adapter is not None:
         parts.append(adapter.describe(model, ctx))
     parts.extend(describe_modules(model, ctx, freeze_unhandled=freeze_unhandled))
+    pinned = [m for part in parts for m in part.pinned_inputs]
+    if pinned:
+        producers = input_producers(model, pinned, example_inputs, unpack=unpack)
+        parts.append(SpecPart(ignored_layers=producers, notes=[f"inputs pinned for {len(pinned)} modules"]))
     handled = {i for part in parts for i in part.handled}
     parts[0].unhandled.extend(
         f"{names.get(m, '?')} ({type(m).__name__}): weight used functionally, invisible to torch-pruning"
@@ -333,13 +337,15 @@ def prune(
             seen = frozen_classes.get(cls, 0)
             frozen_classes[cls] = seen + 1
             targets = [(name, module)]
-            if seen and not cls.__module__.startswith("torch."):
-                # a second instance of the same class failed: freeze the whole class at once
+            if seen and isinstance(getattr(module, "num_heads", None), int):
+                # a second attention block of the same class failed: freeze the whole class at once
                 targets = [(n, m) for n, m in model.named_modules() if type(m) is cls and n not in frozen]
                 reason = f"every {cls.__name__} ({len(targets)} more): {reason}"
             for n, m in targets:
                 frozen[n] = reason
                 extra_ignored.extend(x for x in m.modules() if isinstance(x, LAYER_TYPES))
+            # pin what the blocks read too: a failing block usually misreads its input width
+            extra_ignored.extend(input_producers(model, [m for _, m in targets], example_inputs, unpack=unpack))
 
         def attempt_repaired(r: float) -> ForwardResult:
             while True:

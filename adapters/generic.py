@@ -188,6 +188,54 @@ def trace_outputs(
     return out, find_output_layers(model, tensors, grad_fn_to_layer), functional
 
 
+def input_producers(
+    model: nn.Module, modules: Iterable[nn.Module], example_inputs: Any, *, unpack: bool | None = None
+) -> list[nn.Module]:
+    """Layers or norms whose outputs reach the inputs of ``modules`` without passing through another of them.
+
+    Ignoring them pins the channels those modules read (their groups become unprunable). One forward pass.
+    """
+    targets = list(modules)
+    if not targets:
+        return []
+    producer_types = LAYER_TYPES + (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    grad_fn_to_layer: dict[Any, nn.Module] = {}
+    inputs: dict[int, list[torch.Tensor]] = {}
+
+    def hook(layer: nn.Module, _inputs: Any, output: Any) -> None:
+        first = flatten_tensors(output)
+        if first and first[0].grad_fn is not None:
+            grad_fn_to_layer[first[0].grad_fn] = layer
+
+    def pre(module: nn.Module, args: Any) -> None:
+        if id(module) not in inputs:
+            inputs[id(module)] = [t for t in flatten_tensors(list(args)) if t.grad_fn is not None]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, producer_types)]
+    handles += [m.register_forward_pre_hook(pre) for m in targets]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            run_model(model, example_inputs, unpack=unpack)
+    except Exception:
+        pass  # the model may be mid-failure; the inputs seen before the failure still count
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    found: list[nn.Module] = []
+    for module in targets:
+        inside = {id(m) for m in module.modules()}
+        mapping = {fn: layer for fn, layer in grad_fn_to_layer.items() if id(layer) not in inside}
+        for layer in find_output_layers(model, inputs.get(id(module), []), mapping):
+            if all(layer is not f for f in found):
+                found.append(layer)
+    return found
+
+
 def _last_non_singleton_dim(param: torch.Tensor) -> int | None:
     dims = [i for i, s in enumerate(param.shape) if s > 1]
     return dims[-1] if dims else None

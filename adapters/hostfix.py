@@ -11,6 +11,15 @@ the patched names disappear.
   real NCHW flatten: a 4-D input whose dim 1 is the producer's channel count, flattened into exactly
   ``C * H * W`` consumer channels. Anything else keeps the identity mapping, as torch-pruning already does for
   every reshape it cannot infer; adapters and the forward check catch what that leaves coupled wrongly.
+- ``update_slice_index_mapping`` treats a slice along dim 1 of any 4-D tensor (dim 2 of a 3-D one) as a
+  channel slice; on channels-last tensors that is a spatial subsampling (LeViT's ``Subsample``) and the
+  mapping halves the channel indices. The strict version maps only when the sliced dimension has the
+  producer's channel count.
+- ``update_split_index_mapping`` / ``update_unbind_index_mapping`` pair the i-th consumer found while
+  tracing with the i-th chunk; consumers are found in autograd order, not chunk order, so channels of one
+  chunk get pruned in another (SKNet's split paths). The wrapper orders consumers by the chunk they read
+  (``output_nr`` in the autograd graph); an unbind whose consumers cannot be matched to chunks is blocked
+  (indices are not followed across it) instead of guessed.
 - The other ``update_*_index_mapping`` functions fail on shapes they do not expect (``sum`` over a channel
   list holding ``None`` in ``update_concat_index_mapping`` on CoaT; a 5-D ``expand`` taken for Hugging Face
   grouped-query attention with ``head_dim`` 0 on HaloNet). Each is guarded: on an exception the node keeps the
@@ -50,10 +59,7 @@ __all__ = ["INDEX_BUDGET", "PATCHED", "GroupExplosion", "host_fixes", "strict_re
 
 _UPDATERS = (
     "update_concat_index_mapping",
-    "update_split_index_mapping",
-    "update_unbind_index_mapping",
     "update_expand_index_mapping",
-    "update_slice_index_mapping",
 )
 _MAPPINGS = tuple(
     getattr(index_mapping, name)
@@ -63,7 +69,14 @@ _MAPPINGS = tuple(
 
 #: ``(owner, attribute)`` pairs replaced by :func:`host_fixes`.
 PATCHED = (
-    ((index_mapping, "update_reshape_index_mapping"), (DependencyGraph, "get_pruning_group"), (Group, "prune"))
+    (
+        (index_mapping, "update_reshape_index_mapping"),
+        (index_mapping, "update_slice_index_mapping"),
+        (index_mapping, "update_split_index_mapping"),
+        (index_mapping, "update_unbind_index_mapping"),
+        (DependencyGraph, "get_pruning_group"),
+        (Group, "prune"),
+    )
     + tuple((index_mapping, name) for name in _UPDATERS)
     + tuple((cls, "__call__") for cls in _MAPPINGS)
 )
@@ -225,6 +238,83 @@ def _counting_prune(prune: Any) -> Any:
     return wrapper
 
 
+def _strict_slice(update: Any) -> Any:
+    @functools.wraps(update)
+    def wrapper(graph: Any, node: Any) -> Any:
+        grad_fn = node.grad_fn
+        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        dim = getattr(grad_fn, "_saved_dim", None)
+        valid = sizes is not None and dim is not None and -len(sizes) <= int(dim) < len(sizes)
+        if valid and _producer_channels(graph, node) != int(sizes[int(dim)]):
+            return None  # a spatial slice of a channels-last tensor: channels pass through unchanged
+        try:
+            return update(graph, node)
+        except (ArithmeticError, IndexError, TypeError, ValueError):
+            return None
+
+    return wrapper
+
+
+def _output_nr(split_node: Any, out_node: Any) -> int | None:
+    """Which output of a split/unbind ``out_node`` reads (torch-pruning assumes discovery order)."""
+    for fn, nr in getattr(out_node.grad_fn, "next_functions", ()) or ():
+        if fn is split_node.grad_fn:
+            return int(nr)
+    return None
+
+
+def _set_chunk_mappings(node: Any, chunks: dict[Any, list[int] | None]) -> None:
+    """Install split-style mappings between ``node`` and each consumer (``None`` offsets block the edge)."""
+    for out_node, offset in chunks.items():
+        offset = offset if offset is not None else [0]  # a one-element offset maps to nothing (guarded)
+        for dep in node.dependencies:
+            if dep.target == out_node:
+                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offset, reverse=False)
+        for dep in out_node.dependencies:
+            if dep.target == node:
+                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offset, reverse=True)
+
+
+def chunked_split_index_mapping(graph: Any, node: Any) -> None:
+    """Split mapping by the chunk each consumer reads (``output_nr``), not by discovery order."""
+    if node.type != ops.OPTYPE.SPLIT or not node.enable_index_mapping:
+        return
+    dim = getattr(node.grad_fn, "_saved_dim", 1)
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is not None and int(dim) < len(sizes) and int(dim) not in (1, -len(sizes) + 1):
+        return
+    offsets = node.module.offsets
+    if not offsets or len(offsets) < 2:
+        return
+    chunks: dict[Any, list[int] | None] = {}
+    for out in node.outputs:
+        nr = _output_nr(node, out)
+        chunks[out] = offsets[nr : nr + 2] if nr is not None and nr + 1 < len(offsets) else None
+    _set_chunk_mappings(node, chunks)
+
+
+def _ordered_outputs(update: Any) -> Any:
+    """Run an unbind updater with the node's outputs sorted by the chunk they read (block it if unclear)."""
+
+    @functools.wraps(update)
+    def wrapper(graph: Any, node: Any) -> Any:
+        outputs = list(node.outputs)
+        nrs = [_output_nr(node, out) for out in outputs]
+        if None in nrs or sorted(nrs) != list(range(len(outputs))):
+            if node.enable_index_mapping and getattr(node.grad_fn, "_saved_dim", 0) == 0:
+                _set_chunk_mappings(node, dict.fromkeys(outputs))
+            return None
+        node.outputs[:] = [out for _, out in sorted(zip(nrs, outputs), key=lambda pair: pair[0])]
+        try:
+            return update(graph, node)
+        except (ArithmeticError, IndexError, TypeError, ValueError):
+            return None
+        finally:
+            node.outputs[:] = outputs
+
+    return wrapper
+
+
 def _guard_updater(update: Any) -> Any:
     @functools.wraps(update)
     def wrapper(graph: Any, node: Any) -> Any:
@@ -274,6 +364,9 @@ def host_fixes() -> Iterator[None]:
     Group.prune = _counting_prune(Group.__dict__["prune"])
     for name in _UPDATERS:
         setattr(index_mapping, name, _guard_updater(getattr(index_mapping, name)))
+    index_mapping.update_slice_index_mapping = _strict_slice(index_mapping.update_slice_index_mapping)
+    index_mapping.update_split_index_mapping = _guard_updater(chunked_split_index_mapping)
+    index_mapping.update_unbind_index_mapping = _ordered_outputs(index_mapping.update_unbind_index_mapping)
     for cls in _MAPPINGS:
         cls.__call__ = _guard_mapping(cls.__dict__["__call__"])
     try:

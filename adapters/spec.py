@@ -62,6 +62,7 @@ class SpecPart:
     unhandled: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     handled: set[int] = field(default_factory=set)  # ids of modules this part fully accounts for
+    pinned_inputs: list[nn.Module] = field(default_factory=list)  # modules whose input width must not change
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,25 @@ Attention strategy, per class (all decided here, none in the core):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import timm
 import timm.layers
+import timm.models.cspnet
+import timm.models.res2net
+import timm.models.swin_transformer
+import timm.models.swin_transformer_v2
+import timm.models.swin_transformer_v2_cr
 import torch.nn as nn
+import torch_pruning as tp
 
-from .generic import opaque_attention
+from orthoreg_tp import along, register_param_slices
+
+from .generic import frozen_block, opaque_attention
 from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
 from .spec import Fixup, FixupContext, SpecPart
 
-__all__ = ["is_timm_model"]
+__all__ = ["PatchMergingPruner", "ScaledStdConvPruner", "is_timm_model"]
 
 # Model attributes that cache the classifier's input width.
 _MODEL_SIZE_ATTRS = ("num_features", "head_hidden_size", "embed_dim", "feature_dim")
@@ -112,3 +122,133 @@ register_module_adapter(timm.layers.Attention)(_fused_attention)
 @register_module_adapter(timm.layers.AttentionRope)
 def _rope_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
     return opaque_attention(module, "rotary embeddings are sized by head_dim")
+
+
+# ----------------------------------------------------------------------------------------------- layers
+class ScaledStdConvPruner(tp.pruner.function.ConvPruner):
+    """``ConvPruner`` that also slices the per-filter ``gain`` of timm's ``ScaledStdConv2d`` (NFNets)."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Prune filters and their gains."""
+        keep = sorted(set(range(layer.out_channels)) - set(idxs))
+        super().prune_out_channels(layer, idxs)
+        layer.gain = self._prune_parameter_and_grad(layer.gain, keep, 0)
+        return layer
+
+
+@register_module_adapter(timm.layers.ScaledStdConv2d, timm.layers.ScaledStdConv2dSame)
+def _scaled_std_conv(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    return SpecPart(customized_pruners={type(module): ScaledStdConvPruner()}, handled={id(module)})
+
+
+class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
+    """Swin patch merging: ``C`` input channels appear 4 times (2x2 neighbours) in the ``4C`` reduction input.
+
+    Input channel ``c`` is columns ``c, C + c, 2C + c, 3C + c`` of ``reduction`` (and entries of a pre-norm);
+    output channels are ``reduction`` rows (and a post-norm). Works for timm's Swin, SwinV2 and SwinV2-CR.
+    """
+
+    TARGET_MODULES = nn.Module
+
+    @staticmethod
+    def _pre_norm(layer: nn.Module) -> bool:
+        norm = getattr(layer, "norm", None)
+        return isinstance(norm, nn.LayerNorm) and norm.normalized_shape[0] == layer.reduction.in_features
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Prune input channels (four reduction columns each)."""
+        c = layer.reduction.in_features // 4
+        expanded = [j * c + i for j in range(4) for i in idxs]
+        if self._pre_norm(layer):
+            tp.prune_layernorm_out_channels(layer.norm, expanded)
+        tp.prune_linear_in_channels(layer.reduction, expanded)
+        if isinstance(getattr(layer, "dim", None), int):
+            layer.dim = c - len(idxs)
+        return layer
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Prune output channels (reduction rows and a post-norm)."""
+        tp.prune_linear_out_channels(layer.reduction, idxs)
+        norm = getattr(layer, "norm", None)
+        if isinstance(norm, nn.LayerNorm) and not self._pre_norm(layer):
+            tp.prune_layernorm_out_channels(norm, idxs)
+        if isinstance(getattr(layer, "out_dim", None), int):
+            layer.out_dim = layer.reduction.out_features
+        return layer
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        """``C``."""
+        return layer.reduction.in_features // 4
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        """Reduction width."""
+        return layer.reduction.out_features
+
+
+def _patch_merging_slices(layer: nn.Module, is_out: bool) -> list:
+    red = layer.reduction
+    norm = getattr(layer, "norm", None)
+    pre = PatchMergingPruner._pre_norm(layer)
+    if is_out:
+        out = [(red.weight, along(0))] + ([(red.bias, along(0))] if red.bias is not None else [])
+        if isinstance(norm, nn.LayerNorm) and not pre and norm.weight is not None:
+            out += [(p, along(0)) for p in (norm.weight, norm.bias) if p is not None]
+        return out
+    c = red.in_features // 4
+    out = [(red.weight, lambda t: t.reshape(t.shape[0], 4, c).sum((0, 1)))]
+    if pre and norm.weight is not None:
+        out += [(p, lambda t: t.reshape(4, c).sum(0)) for p in (norm.weight, norm.bias) if p is not None]
+    return out
+
+
+register_param_slices(PatchMergingPruner, _patch_merging_slices)
+
+_PATCH_MERGING = tuple(
+    cls
+    for cls in (
+        getattr(timm.models.swin_transformer, "PatchMerging", None),
+        getattr(timm.models.swin_transformer_v2, "PatchMerging", None),
+        getattr(timm.models.swin_transformer_v2_cr, "PatchMerging", None),
+    )
+    if cls is not None
+)
+
+
+@register_module_adapter(*_PATCH_MERGING)
+def _patch_merging(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    if not isinstance(getattr(module, "reduction", None), nn.Linear) or module.reduction.in_features % 4:
+        return None
+    return SpecPart(customized_pruners={type(module): PatchMergingPruner()}, handled={id(m) for m in module.modules()})
+
+
+@register_module_adapter(timm.layers.BlurPool2d)
+def _blur_pool(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # The blur kernel is the same for every channel; with channels=None timm expands one copy to the input.
+    def fix(mod: nn.Module, _ctx: FixupContext) -> None:
+        if mod.channels is not None:
+            mod.filt = mod.filt[:1].clone()
+            mod.channels = None
+
+    return SpecPart(fixups=[Fixup(name, "blur pool: per-input channel count", fix)], handled={id(module)})
+
+
+@register_module_adapter(timm.models.res2net.Bottle2neck)
+def _res2net(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # torch.split(x, self.width) with a width fixed at construction: keep the split input.
+    return SpecPart(ignored_layers=[module.conv1], notes=["Res2Net: conv1 (split by a fixed width) kept"])
+
+
+@register_module_adapter(timm.layers.SelectiveKernel)
+def _selective_kernel(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    part = frozen_block(module, "paths are stacked on a new dim that torch-pruning maps onto channels")
+    if getattr(module, "split_input", False):
+        part.pinned_inputs.append(module)  # torch.split by a width fixed at construction
+    return part
+
+
+@register_module_adapter(timm.models.cspnet.CrossStage, timm.models.cspnet.CrossStage3)
+def _cross_stage(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    if not isinstance(getattr(module, "conv_exp", None), nn.Module):
+        return None
+    # x.split(self.expand_chs // 2) with a width fixed at construction: keep the expanded width.
+    return SpecPart(ignored_layers=[module.conv_exp], notes=[f"{type(module).__name__}: conv_exp kept (split)"])

@@ -249,6 +249,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             accumulate_s=round(t1 - t0, 2),
             prune_s=round(t2 - t1, 2),
             total_s=round(t2 - t0, 2),
+            prune_cpu_s=round(c2 - c1, 2),
             total_cpu_s=round(c2 - c0, 2),
             params_before=report.params_before,
             params_after=report.params_after,
@@ -343,8 +344,9 @@ def main(args: argparse.Namespace) -> None:
         old = json.loads(JSON_PATH.read_text())["records"]
     keep = [r for r in old if (r["lib"], r["model"]) not in {(j[0], j[2]) for j in jobs}]
     cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     meta = {
         "command": "python benchmarks/prunability.py " + " ".join(sys.argv[1:]),
         "machine": f"{cpu}, {os.cpu_count()} cores, {args.threads} torch threads, load average at start "

@@ -144,14 +144,15 @@ def test_verification_failure_rolls_back_and_names_the_layer() -> None:
 
 def test_repair_freezes_the_failing_block_and_reports_it() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _HardCodedWidth.__new__(_HardCodedWidth))
-    nn.Module.__init__(model[2])
-    model[2].conv, model[2].bn, model[2].fc = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16, 4)
-    model.eval()
-    x = torch.randn(2, 3, 10, 10)
+    hard = _HardCodedWidth.__new__(_HardCodedWidth)
+    nn.Module.__init__(hard)
+    hard.conv, hard.bn, hard.fc = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16, 4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), hard).eval()
+    x = torch.randn(2, 3, 12, 12)
     report = prune(model, x, importance=_imp(), ratio=0.5)
-    assert any(entry.startswith("2:") for entry in report.frozen), report.frozen
-    assert model[0].out_channels == 4 and model[2].conv.out_channels == 16
+    assert any(entry.startswith("4:") for entry in report.frozen), report.frozen
+    assert model[0].out_channels == 4  # pruned
+    assert model[2].out_channels == 8 and hard.conv.out_channels == 16  # the block and what it reads: kept
     assert model(x).shape == (2, 4)
 
 
