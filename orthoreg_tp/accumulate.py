@@ -20,7 +20,7 @@ class ParamStatistics:
     Example:
         >>> p = nn.Parameter(torch.zeros(3))
         >>> stats = ParamStatistics()
-        >>> stats.add(p, torch.ones(3) * 4, num_samples=4)
+        >>> stats.add(p, torch.ones(3), num_samples=4)
         >>> stats.mean(p)
         tensor([1., 1., 1.])
     """
@@ -43,19 +43,19 @@ class ParamStatistics:
             return None
         return entry
 
-    def add(self, param: Tensor, weighted_sum: Tensor, num_samples: int) -> None:
-        """Add a statistic already multiplied by ``num_samples`` (a sum over that many samples)."""
-        if not torch.isfinite(weighted_sum).all():
+    def add(self, param: Tensor, batch_mean: Tensor, num_samples: int) -> None:
+        """Add a statistic averaged over ``num_samples`` samples (accumulated in place, no temporary copy)."""
+        if not torch.isfinite(batch_mean).all():
             raise RuntimeError(
                 f"non-finite values in the accumulated statistic of a parameter of shape {tuple(param.shape)}; "
                 "check the loss and the inputs (NaN/inf gradients)"
             )
         entry = self._lookup(param)
-        value = weighted_sum.detach().to(torch.float32)
+        value = batch_mean.detach()
         if entry is None or entry[1].shape != value.shape:
-            self._entries[id(param)] = (weakref.ref(param), value.clone(), int(num_samples))
+            self._entries[id(param)] = (weakref.ref(param), value.to(torch.float32) * num_samples, int(num_samples))
         else:
-            entry[1].add_(value)
+            entry[1].add_(value, alpha=num_samples)
             self._entries[id(param)] = (entry[0], entry[1], entry[2] + int(num_samples))
 
     def mean(self, param: Tensor) -> Tensor | None:

@@ -101,8 +101,7 @@ class GraSPImportance(AccumulatingImportance):
             if not isinstance(z, Tensor) or not z.requires_grad:
                 return [None] * len(tensors)
             hg = torch.autograd.grad(z, tensors, allow_unused=True)
-        n = y.shape[0]
-        return [None if h is None else h.detach() * n for h in hg]
+        return [None if h is None else h.detach() for h in hg]
 
 
 class RDTImportance(AccumulatingImportance):
@@ -161,7 +160,7 @@ class RDTImportance(AccumulatingImportance):
             return F.cross_entropy(out, yi.unsqueeze(0))
 
         per_sample = vmap(grad(nll), in_dims=(None, 0, 0), chunk_size=16)(detached, x, y)
-        return [per_sample[n].pow(2).sum(0) for n in names]
+        return [per_sample[n].pow(2).mean(0) for n in names]
 
     @staticmethod
     def _looped(model: nn.Module, params: list[tuple[str, nn.Parameter]], x: Tensor, y: Tensor) -> list[Tensor | None]:
@@ -175,4 +174,4 @@ class RDTImportance(AccumulatingImportance):
             for j, g in enumerate(grads):
                 if g is not None:
                     sums[j] = g.pow(2) if sums[j] is None else sums[j] + g.pow(2)
-        return sums
+        return [None if t is None else t / y.shape[0] for t in sums]

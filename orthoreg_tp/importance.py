@@ -142,8 +142,8 @@ class AccumulatingImportance(tp.importance.Importance):
                     if take < batch_size_of(x):
                         x = x[:take] if isinstance(x, Tensor) else [t[:take] for t in x]
                         y = y[:take]
-                    sums = self._batch_statistics(model, params, x, y, loss_fn)
-                    for (name, p), s in zip(params, sums):
+                    means = self._batch_statistics(model, params, x, y, loss_fn)
+                    for (name, p), s in zip(params, means):
                         if s is not None:
                             self._add(name, p, s, take)
                     seen += take
@@ -176,25 +176,23 @@ class AccumulatingImportance(tp.importance.Importance):
         found = False
         for name, p in trainable_params(model):
             if p.grad is not None:
-                self._add(name, p, p.grad.detach() * num_samples, num_samples)
+                self._add(name, p, p.grad, num_samples)
                 found = True
         if not found:
             raise RuntimeError("accumulate_grad found no .grad on the model; call loss.backward() first")
 
-    def _add(self, name: str, param: Tensor, weighted_sum: Tensor, num_samples: int) -> None:
+    def _add(self, name: str, param: Tensor, batch_mean: Tensor, num_samples: int) -> None:
         try:
-            self.stats.add(param, weighted_sum, num_samples)
+            self.stats.add(param, batch_mean, num_samples)
         except RuntimeError as err:
             raise RuntimeError(f"{type(self).__name__}: parameter {name!r}: {err}") from None
 
     def _batch_statistics(
         self, model: nn.Module, params: list[tuple[str, nn.Parameter]], x: Any, y: Tensor, loss_fn: LossFn
     ) -> list[Tensor | None]:
-        """Per-parameter sums of the statistic over this batch (default: mean gradient times batch size)."""
+        """Per-parameter batch means of the statistic (default: the gradient of the mean loss)."""
         loss = loss_fn(model(x), y)
-        grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
-        n = y.shape[0]
-        return [None if g is None else g * n for g in grads]
+        return list(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
 
     # ------------------------------------------------------------------ scoring
     def _elementwise(self, param: Tensor, stat: Tensor) -> Tensor:
