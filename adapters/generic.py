@@ -4,8 +4,9 @@
   from the model's outputs to the first channel-producing layers; their outputs are kept so that the output
   shape does not change.
 - Parameters that sit directly on a module torch-pruning does not know (tokens, position embeddings, gammas)
-  are listed as unwrapped parameters with torch-pruning's own default dimension (the last non-singleton one),
-  so the choice is explicit and the host's warning is not raised.
+  are listed as unwrapped parameters with an explicit dimension (:func:`channel_dim`: torch-pruning's default,
+  the last non-singleton one, except dimension 1 for NCHW position embeddings), so the host's guess and
+  warning are avoided.
 - Modules that look like attention (a ``num_heads`` attribute) but have no registered adapter are reported
   in ``spec.unhandled`` and their projections are frozen, which keeps their head layout intact.
 - Cached sizes on such modules (``normalized_shape``, ``num_features``, ``dim`` ...) are re-synced from their
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .registry import AdapterContext, find_module_adapters
+from .registry import AdapterContext, find_module_adapters, register_module_adapter
 from .spec import Fixup, FixupContext, SpecPart
 
 __all__ = [
@@ -241,6 +242,18 @@ def _last_non_singleton_dim(param: torch.Tensor) -> int | None:
     return dims[-1] if dims else None
 
 
+def channel_dim(param: torch.Tensor) -> int | None:
+    """The dimension of a free-standing parameter that follows the channels it is combined with.
+
+    torch-pruning's default is the last non-singleton dimension: right for tokens and position embeddings
+    ``(1, N, C)`` and gammas ``(C,)``, wrong for NCHW position embeddings ``(1, C, H, W)`` (Visformer, SAM2
+    Hiera), for which dimension 1 is used.
+    """
+    if param.dim() == 4 and param.shape[0] == 1 and param.shape[1] > 1:
+        return 1
+    return _last_non_singleton_dim(param)
+
+
 def _sync_sizes_fixup(name: str, module: nn.Module) -> Fixup | None:
     """Re-sync cached size attributes of a custom module with its first 1-D parameter."""
     params = [p for p in module._parameters.values() if p is not None and p.dim() == 1]
@@ -337,7 +350,7 @@ def describe_modules(
             continue
         own = [p for p in module._parameters.values() if p is not None]
         for param in own:  # adapters' own choices come first in merge_parts
-            dim = _last_non_singleton_dim(param)
+            dim = channel_dim(param)
             if dim is not None:
                 generic.unwrapped_parameters.append((param, dim))
         if id(module) in handled:
@@ -360,3 +373,11 @@ def describe_modules(
                 generic.fixups.append(fix)
     parts.append(generic)
     return parts
+
+
+@register_module_adapter(nn.LSTM)
+def _lstm(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    # torch-pruning's LSTM pruner indexes weight_hh with the 2x hidden indices of a bidirectional output.
+    if not module.bidirectional and module.num_layers == 1:
+        return None
+    return SpecPart(ignored_layers=[module], notes=[f"{name}: multi-layer/bidirectional LSTM hidden size kept"])

@@ -359,7 +359,7 @@ def host_fixes() -> Iterator[None]:
         >>> spec.finalize(model, pruner)
     """
     saved = [(owner, name, owner.__dict__[name]) for owner, name in PATCHED]
-    index_mapping.update_reshape_index_mapping = strict_reshape_index_mapping
+    index_mapping.update_reshape_index_mapping = _guard_updater(strict_reshape_index_mapping)
     DependencyGraph.get_pruning_group = convergent_get_pruning_group
     Group.prune = _counting_prune(Group.__dict__["prune"])
     for name in _UPDATERS:
