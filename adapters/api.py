@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .generic import LAYER_TYPES, describe_modules, input_producers, run_model, trace_outputs
+from .generic import LAYER_TYPES, Trace, describe_modules, input_producers, run_model, trace_outputs
 from .hostfix import GroupExplosion, host_fixes
 from .registry import AdapterContext, ModelAdapter, model_adapters
 from .report import PruneReport, PruningError
@@ -56,27 +56,29 @@ def _describe_inputs(example_inputs: Any) -> str:
     return f"of type {type(example_inputs).__name__}"
 
 
-def _reference_forward(model: nn.Module, example_inputs: Any, names: dict) -> tuple[bool | None, ForwardResult]:
-    """Run the unpruned model once; pick the calling convention; raise ValueError when inputs do not fit."""
+def _reference_forward(model: nn.Module, example_inputs: Any) -> tuple[bool | None, Trace]:
+    """Trace the unpruned model once; pick the calling convention; raise ValueError when inputs do not fit."""
     styles: tuple[bool | None, ...] = (True, False) if isinstance(example_inputs, (tuple, list)) else (None,)
-    error: VerificationError | None = None
+    error: Exception | None = None
     for unpack in styles:
         try:
-            return unpack, checked_forward(model, example_inputs, names=names, unpack=unpack)
-        except VerificationError as err:
+            return unpack, trace_outputs(model, example_inputs, unpack=unpack)
+        except Exception as err:
             error = error or err
     raise ValueError(
         f"example_inputs {_describe_inputs(example_inputs)} do not run through {type(model).__name__}: "
-        f"{error.reason if error else 'unknown error'}"
+        f"{type(error).__name__}: {error}"
     )
 
 
-def _build_spec(model: nn.Module, example_inputs: Any, unpack: bool | None, freeze_unhandled: bool) -> PruningSpec:
+def _build_spec(
+    model: nn.Module, example_inputs: Any, unpack: bool | None, trace: Trace, freeze_unhandled: bool
+) -> PruningSpec:
     adapter = _pick_adapter(model)
     source = adapter.source if adapter is not None else "generic"
     names = {m: n for n, m in model.named_modules()}
     ctx = AdapterContext(model=model, names=names, source=source)
-    _, out_layers, functional = trace_outputs(model, example_inputs, unpack=unpack)
+    out_layers, functional = trace.output_layers, trace.functional
     parts = [
         SpecPart(
             ignored_layers=list(out_layers),
@@ -143,10 +145,9 @@ def prepare(model: nn.Module, example_inputs: Any, *, freeze_unhandled: bool = T
         ...                               pruning_ratio=0.5, **spec.pruner_kwargs())
         >>> pruner.step(); spec.finalize(model, pruner)
     """
-    names = {m: n for n, m in model.named_modules()}
     with _ModeGuard(model):
-        unpack, _ = _reference_forward(model, example_inputs, names)
-        return _build_spec(model, example_inputs, unpack, freeze_unhandled)
+        unpack, trace = _reference_forward(model, example_inputs)
+        return _build_spec(model, example_inputs, unpack, trace, freeze_unhandled)
 
 
 def _validate(
@@ -296,9 +297,9 @@ def prune(
     params_before = count_params(model)
 
     with _ModeGuard(model):
-        unpack, ref = _reference_forward(model, example_inputs, names)
+        unpack, ref = _reference_forward(model, example_inputs)
         if spec is None:
-            spec = _build_spec(model, example_inputs, unpack, freeze_unhandled=True)
+            spec = _build_spec(model, example_inputs, unpack, ref, freeze_unhandled=True)
         snap = snapshot(model)
         frozen: dict[str, str] = {}
         extra_ignored: list[nn.Module] = []
@@ -321,7 +322,7 @@ def prune(
             pruner = _run_pruner(pruner_class, model, example_inputs, importance, r, kwargs, names)
             spec.finalize(model, pruner)
             result = checked_forward(model, example_inputs, names=names, unpack=unpack)
-            problem = compare_outputs(ref.tensors, result.tensors, check_shape=spec.check_output_shape)
+            problem = compare_outputs(ref.outputs, result.tensors, check_shape=spec.check_output_shape)
             if problem is not None:
                 layer = None
                 if "non-finite" in problem:

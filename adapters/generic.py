@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -149,21 +150,33 @@ def _used_parameters(outputs: Iterable[torch.Tensor]) -> set[int]:
     return used
 
 
-def trace_outputs(
-    model: nn.Module, example_inputs: Any, *, unpack: bool | None = None
-) -> tuple[Any, list[Any], list[nn.Module]]:
-    """Run one forward pass with autograd.
+@dataclass(frozen=True)
+class Trace:
+    """What one autograd-enabled forward pass tells about a model.
 
-    Returns:
-        ``(output, output_layers, functional_layers)``: the output layers (see :func:`find_output_layers`) and
-        the conv/linear layers whose weights the graph uses without calling the layer (``F.linear(x,
-        layer.weight)``), which torch-pruning cannot see.
+    Attributes:
+        outputs: The output tensors, detached.
+        macs: Conv/linear/MHA multiply-accumulates (see :func:`layer_macs`).
+        output_layers: Layers whose outputs reach a model output directly (see :func:`find_output_layers`).
+        functional: Conv/linear layers whose weights the graph uses without calling the layer
+            (``F.linear(x, layer.weight)``), which torch-pruning cannot see.
     """
+
+    outputs: tuple[torch.Tensor, ...]
+    macs: int
+    output_layers: list[Any]
+    functional: list[nn.Module]
+
+
+def trace_outputs(model: nn.Module, example_inputs: Any, *, unpack: bool | None = None) -> Trace:
+    """Run one forward pass with autograd (exceptions propagate) and describe it as a :class:`Trace`."""
     grad_fn_to_layer: dict[Any, nn.Module] = {}
     fired: set[int] = set()
+    macs = [0]
 
-    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         fired.add(id(module))
+        macs[0] += layer_macs(module, inputs, output)
         first = flatten_tensors(output)
         if first and first[0].grad_fn is not None:
             grad_fn_to_layer[first[0].grad_fn] = module
@@ -186,7 +199,31 @@ def trace_outputs(
     functional = [
         m for m in layers if id(m) not in fired and any(id(p) in used for p in m.parameters(recurse=False))
     ]
-    return out, find_output_layers(model, tensors, grad_fn_to_layer), functional
+    return Trace(
+        outputs=tuple(t.detach() for t in tensors),
+        macs=macs[0],
+        output_layers=find_output_layers(model, tensors, grad_fn_to_layer),
+        functional=functional,
+    )
+
+
+def layer_macs(module: nn.Module, inputs: tuple, output: Any) -> int:
+    """Multiply-accumulates of one conv/linear/MHA call, from its output shape (0 for other modules)."""
+    out = flatten_tensors(output)
+    if not out:
+        return 0
+    if isinstance(module, nn.modules.conv._ConvNd):
+        kernel = 1
+        for k in module.kernel_size:
+            kernel *= k
+        return out[0].numel() * (module.in_channels // module.groups) * kernel
+    if isinstance(module, nn.Linear):
+        return out[0].numel() * module.in_features
+    if isinstance(module, nn.MultiheadAttention):
+        x = flatten_tensors(inputs)
+        tokens = x[0].numel() // max(x[0].shape[-1], 1) if x else 0
+        return tokens * 4 * module.embed_dim * module.embed_dim
+    return 0
 
 
 def input_producers(

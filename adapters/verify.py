@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .generic import flatten_tensors, run_model
+from .generic import flatten_tensors, layer_macs, run_model
 
 __all__ = ["ForwardResult", "VerificationError", "checked_forward", "count_params", "layer_widths"]
 
@@ -28,24 +28,6 @@ class ForwardResult:
 
     tensors: tuple[torch.Tensor, ...]
     macs: int
-
-
-def _layer_macs(module: nn.Module, inputs: tuple, output: Any) -> int:
-    out = flatten_tensors(output)
-    if not out:
-        return 0
-    if isinstance(module, nn.modules.conv._ConvNd):
-        kernel = 1
-        for k in module.kernel_size:
-            kernel *= k
-        return out[0].numel() * (module.in_channels // module.groups) * kernel
-    if isinstance(module, nn.Linear):
-        return out[0].numel() * module.in_features
-    if isinstance(module, nn.MultiheadAttention):
-        x = flatten_tensors(inputs)
-        tokens = x[0].numel() // max(x[0].shape[-1], 1) if x else 0
-        return tokens * 4 * module.embed_dim * module.embed_dim
-    return 0
 
 
 def checked_forward(
@@ -74,7 +56,7 @@ def checked_forward(
     def post(module: nn.Module, inputs: Any, output: Any) -> None:
         if active and active[-1] is module:
             active.pop()
-        macs[0] += _layer_macs(module, inputs, output)
+        macs[0] += layer_macs(module, inputs, output)
 
     handles = []
     for m in model.modules():
