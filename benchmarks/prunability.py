@@ -232,14 +232,19 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         record["input"] = list(x.shape) if isinstance(x, torch.Tensor) else "list"
         record["create_s"] = round(time.perf_counter() - start_wall, 2)
         t0, c0 = time.perf_counter(), _cpu_s()
+        record["importance"] = args.importance
+        imp = None
         if args.importance == "orthoreg":
-            imp = OrthoRegImportance()
             model.zero_grad(set_to_none=True)
             loss = _loss(run_model(model, x), torch.randint(0, 1000, (1,)))
-            loss.backward()
-            imp.accumulate_grad(model, num_samples=1)
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                imp = OrthoRegImportance()
+                loss.backward()
+                imp.accumulate_grad(model, num_samples=1)
+            else:  # e.g. a detector that returned no boxes: nothing to differentiate
+                record["importance"] = "magnitude (no differentiable output)"
             model.zero_grad(set_to_none=True)
-        else:
+        if imp is None:
             imp = tp.importance.GroupMagnitudeImportance()
         t1, c1 = time.perf_counter(), _cpu_s()
         report = prune(model, x, importance=imp, ratio=args.ratio)
