@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -314,6 +317,32 @@ def _sync_sizes_fixup(name: str, module: nn.Module) -> Fixup | None:
     return Fixup(name, f"sync {', '.join(attrs)} with parameter size", fn)
 
 
+_SHAPE_UNPACK = re.compile(r"((?:\w+\s*,\s*)+\w+)\s*=\s*[\w.]+\.(?:shape|size\(\))")
+
+
+@functools.cache
+def reads_input_width(cls: type) -> bool:
+    """Whether ``cls.forward`` reshapes with a width unpacked from its input's shape (``B, N, C = x.shape``).
+
+    Such attention blocks need their output width equal to their input width, so their heads cannot be kept
+    while the stream around them shrinks. A heuristic on the source; ``False`` when it is unavailable.
+    """
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    for match in _SHAPE_UNPACK.finditer(src):
+        names = [n.strip() for n in match.group(1).split(",")]
+        width = "C" if "C" in names else names[-1]  # the channel variable by convention, else the last one
+        if width == "_":
+            continue
+        if re.search(rf"\.(?:reshape|view)\([^\n]*\b{re.escape(width)}\b", src) or re.search(
+            rf"\b{re.escape(width)}\s*//\s*self\.num_heads", src
+        ):
+            return True
+    return False
+
+
 def _looks_like_attention(module: nn.Module) -> bool:
     """A ``num_heads`` attribute on a module that does not delegate to ``nn.MultiheadAttention``."""
     if not isinstance(getattr(module, "num_heads", None), int):
@@ -396,11 +425,15 @@ def describe_modules(
             inner = [m for m in module.modules() if m is not module]
             if any(id(m) in handled or _looks_like_attention(m) for m in inner):
                 continue  # the attention proper is a submodule
-            generic.unhandled.append(
-                f"{name} ({type(module).__name__}): attention-like module without adapter; head layout kept"
-            )
+            frozen = reads_input_width(type(module))
+            what = "heads and the stream it reads kept (reshapes with its input width)" if frozen else "heads kept"
+            generic.unhandled.append(f"{name} ({type(module).__name__}): attention-like module without adapter; {what}")
             if freeze_unhandled:
-                part = opaque_attention(module, "no adapter")
+                if frozen:
+                    part = frozen_block(module, "no adapter; reshapes with its input width")
+                    part.pinned_inputs.append(module)
+                else:
+                    part = opaque_attention(module, "no adapter")
                 parts.append(part)
                 handled |= part.handled
             continue

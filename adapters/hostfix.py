@@ -33,6 +33,8 @@ the patched names disappear.
   that still grows past :data:`INDEX_BUDGET` entries raises :class:`GroupExplosion` naming the root layer,
   which :func:`~orthoreg_tp.adapters.prune` then freezes. Index mappings are refreshed only when a group
   was pruned since the last walk (``Group.prune`` bumps a counter), not on every walk.
+- ``ConcatPruner`` / ``SplitPruner`` (the bookkeeping of concat/split sizes) add ``None`` sizes when channel
+  inference failed (CoaT): TypeError in the pruning step. The guard skips the bookkeeping in that case.
 - The index-mapping objects (``_ConcatIndexMapping``, ``_SplitIndexMapping``, ``_GQAIndexMapping``, ...)
   read ``offset[1]`` from one-element offset lists or divide by 0 when inference went wrong: IndexError or
   ZeroDivisionError while building groups. The guard maps such indices to nothing (the dependency is not
@@ -53,6 +55,7 @@ from torch_pruning.dependency import index_mapping, shape_infer
 from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.graph import DependencyGraph
 from torch_pruning.dependency.group import Group
+from torch_pruning.ops import ConcatPruner, SplitPruner
 from torch_pruning.pruner import function
 
 __all__ = ["INDEX_BUDGET", "PATCHED", "GroupExplosion", "host_fixes", "strict_reshape_index_mapping"]
@@ -76,6 +79,10 @@ PATCHED = (
         (index_mapping, "update_unbind_index_mapping"),
         (DependencyGraph, "get_pruning_group"),
         (Group, "prune"),
+        (ConcatPruner, "prune_out_channels"),
+        (ConcatPruner, "prune_in_channels"),
+        (SplitPruner, "prune_out_channels"),
+        (SplitPruner, "prune_in_channels"),
     )
     + tuple((index_mapping, name) for name in _UPDATERS)
     + tuple((cls, "__call__") for cls in _MAPPINGS)
@@ -315,6 +322,17 @@ def _ordered_outputs(update: Any) -> Any:
     return wrapper
 
 
+def _guard_sizes(prune: Any, attr: str) -> Any:
+    @functools.wraps(prune)
+    def wrapper(self: Any, layer: Any, idxs: Any) -> Any:
+        sizes = getattr(layer, attr, None)
+        if sizes is not None and any(s is None for s in sizes):
+            return None  # sizes were never inferred: there is no bookkeeping to update
+        return prune(self, layer, idxs)
+
+    return wrapper
+
+
 def _guard_updater(update: Any) -> Any:
     @functools.wraps(update)
     def wrapper(graph: Any, node: Any) -> Any:
@@ -362,6 +380,10 @@ def host_fixes() -> Iterator[None]:
     index_mapping.update_reshape_index_mapping = _guard_updater(strict_reshape_index_mapping)
     DependencyGraph.get_pruning_group = convergent_get_pruning_group
     Group.prune = _counting_prune(Group.__dict__["prune"])
+    for cls, attr in ((ConcatPruner, "concat_sizes"), (SplitPruner, "split_sizes")):
+        guarded = _guard_sizes(cls.__dict__["prune_out_channels"], attr)
+        cls.prune_out_channels = guarded  # the same function for both directions, as torch-pruning has it
+        cls.prune_in_channels = guarded
     for name in _UPDATERS:
         setattr(index_mapping, name, _guard_updater(getattr(index_mapping, name)))
     index_mapping.update_slice_index_mapping = _strict_slice(index_mapping.update_slice_index_mapping)
