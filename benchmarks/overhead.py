@@ -271,12 +271,25 @@ class HeapMeter:
         return max(peak[0], self.in_use())
 
 
-class InplaceImportance(OrthoRegImportance):
-    """Prototype: scale each batch gradient in place instead of allocating ``g * n`` (one transient copy less)."""
+class ReleasingImportance(OrthoRegImportance):
+    """Prototype: drop each batch's statistics once added, before the next batch runs.
+
+    In the core ``accumulate`` loop the previous batch's ``sums`` list stays referenced while the next batch's
+    forward and backward run (the name is only rebound when ``_batch_statistics`` returns), so one parameter-sized
+    copy lives through the activation peak. Here the list's entries are released as they are added, which is what
+    a ``del sums`` at the end of the core loop would do.
+    """
 
     def _batch_statistics(self, model, params, x, y, loss_fn):  # noqa: D102 - same contract as the core's
-        grads = torch.autograd.grad(loss_fn(model(x), y), [p for _, p in params], allow_unused=True)
-        return [None if g is None else g.mul_(y.shape[0]) for g in grads]
+        self._pending, self._next = super()._batch_statistics(model, params, x, y, loss_fn), 0
+        return self._pending
+
+    def _add(self, name, param, weighted_sum, num_samples):  # noqa: D102
+        super()._add(name, param, weighted_sum, num_samples)
+        while self._next < len(self._pending) and self._pending[self._next] is not weighted_sum:
+            self._next += 1  # entries skipped by the caller (parameters without a gradient)
+        if self._next < len(self._pending):
+            self._pending[self._next] = None
 
 
 def memory_child(args: argparse.Namespace) -> None:
@@ -285,7 +298,7 @@ def memory_child(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model, x, y, _ = make(name, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    imp = (InplaceImportance if mode == "accumulate_inplace" else OrthoRegImportance)(min_keep_ratio=None)
+    imp = (ReleasingImportance if mode == "accumulate_release" else OrthoRegImportance)(min_keep_ratio=None)
     meter = HeapMeter(device)
     # warm-up: one forward+backward so lazy initialization is in the baseline of both modes
     torch.autograd.grad(F.cross_entropy(model.eval()(x), y), params)
@@ -308,7 +321,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def memory(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rows = []
-    for mode in ("forward_backward", "accumulate", "accumulate_inplace"):
+    for mode in ("forward_backward", "accumulate", "accumulate_release"):
         for nb in (args.importance_batches, 4 * args.importance_batches):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, mode, str(nb),
                    "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
@@ -360,7 +373,7 @@ def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, dev
                     for n in samples]
             cells.append(" / ".join(f"{d:.2f}" for d in diff))
             cells.append(" / ".join(f"{by[('accumulate', n)]['retained'] / pb:.2f}" for n in samples))
-            proto = [(by[("accumulate_inplace", n)]["extra_peak"] - by[("forward_backward", n)]["extra_peak"]) / pb
+            proto = [(by[("accumulate_release", n)]["extra_peak"] - by[("forward_backward", n)]["extra_peak"]) / pb
                      for n in samples]
             cells.append(" / ".join(f"{d:.2f}" for d in proto))
             rows.append(cells)
@@ -372,7 +385,7 @@ def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, dev
                   markdown_table(["model", "params MiB", f"fwd+bwd N={n0}", f"fwd+bwd N={n1}", f"accumulate N={n0}",
                                   f"accumulate N={n1}", f"accumulate - fwd+bwd peak (N={n0} / {n1}), x params",
                                   "retained after accumulate, x params",
-                                  "in-place prototype - fwd+bwd peak, x params"], rows)]
+                                  "release-early prototype - fwd+bwd peak, x params"], rows)]
     return "\n\n".join(parts)
 
 
