@@ -11,7 +11,15 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .generic import LAYER_TYPES, Trace, describe_modules, input_producers, run_model, trace_outputs
+from .generic import (
+    LAYER_TYPES,
+    Trace,
+    describe_modules,
+    input_producers,
+    looks_like_attention,
+    run_model,
+    trace_outputs,
+)
 from .hostfix import GroupExplosion, host_fixes
 from .registry import AdapterContext, ModelAdapter, model_adapters
 from .report import PruneReport, PruningError
@@ -338,7 +346,7 @@ def prune(
             seen = frozen_classes.get(cls, 0)
             frozen_classes[cls] = seen + 1
             targets = [(name, module)]
-            if seen and isinstance(getattr(module, "num_heads", None), int):
+            if seen and looks_like_attention(module):
                 # a second attention block of the same class failed: freeze the whole class at once
                 targets = [(n, m) for n, m in model.named_modules() if type(m) is cls and n not in frozen]
                 reason = f"every {cls.__name__} ({len(targets)} more): {reason}"

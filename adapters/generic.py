@@ -343,10 +343,15 @@ def reads_input_width(cls: type) -> bool:
     return False
 
 
-def _looks_like_attention(module: nn.Module) -> bool:
-    """A ``num_heads`` attribute on a module that does not delegate to ``nn.MultiheadAttention``."""
-    if not isinstance(getattr(module, "num_heads", None), int):
+_HEAD_ATTRS = ("num_heads", "heads", "n_heads", "num_attention_heads")
+
+
+def looks_like_attention(module: nn.Module) -> bool:
+    """An integer head count (``num_heads``, ``heads``...) on a module that does not use ``nn.MultiheadAttention``."""
+    if not any(type(getattr(module, a, None)) is int for a in _HEAD_ATTRS):
         return False
+    if not any(isinstance(m, LAYER_TYPES) for m in module.modules()):
+        return False  # no projections of its own
     return not any(isinstance(m, nn.MultiheadAttention) for m in module.modules())
 
 
@@ -421,9 +426,9 @@ def describe_modules(
                 generic.unwrapped_parameters.append((param, dim))
         if id(module) in handled:
             continue
-        if _looks_like_attention(module):
+        if looks_like_attention(module):
             inner = [m for m in module.modules() if m is not module]
-            if any(id(m) in handled or _looks_like_attention(m) for m in inner):
+            if any(id(m) in handled or looks_like_attention(m) for m in inner):
                 continue  # the attention proper is a submodule
             frozen = reads_input_width(type(module))
             what = "heads and the stream it reads kept (reshapes with its input width)" if frozen else "heads kept"

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import timm
 import timm.layers
 import timm.models.cspnet
+import timm.models.focalnet
 import timm.models.res2net
 import timm.models.swin_transformer
 import timm.models.swin_transformer_v2
@@ -244,6 +245,12 @@ def _selective_kernel(module: nn.Module, name: str, ctx: AdapterContext) -> Spec
     if getattr(module, "split_input", False):
         part.pinned_inputs.append(module)  # torch.split by a width fixed at construction
     return part
+
+
+@register_module_adapter(timm.models.focalnet.FocalModulation)
+def _focal_modulation(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # torch.split(self.f(x), self.input_split) with sizes fixed at construction: keep f's outputs.
+    return SpecPart(ignored_layers=[module.f], notes=["FocalModulation: f kept (split by fixed sizes)"])
 
 
 @register_module_adapter(timm.models.cspnet.CrossStage, timm.models.cspnet.CrossStage3)
