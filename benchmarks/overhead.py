@@ -9,7 +9,7 @@
 3. Peak memory of both over N and 4N samples, each in a fresh process (CPU: heap in use from glibc's ``mallinfo2``,
    sampled; CUDA: the allocator's peak), against the parameter size (goal: O(parameters), independent of N).
 
-    python benchmarks/overhead.py                      # CPU, batch 32, ~10 min on 2 cores
+    python benchmarks/overhead.py --threads 1          # CPU, batch 32, ~13 min on 2 (busy) cores
     python benchmarks/overhead.py --device cuda --batch-size 128
 """
 

@@ -9,7 +9,7 @@ reduction (goal >= 0.8). A second set is pruned with layer widths rounded to mul
 outputs must match PyTorch's (skipped cleanly when ``onnx``/``onnxruntime`` are not installed:
 ``pip install orthoreg-tp[onnx]``).
 
-    python benchmarks/speedup.py                        # CPU (and CUDA when available), ~3 min on 2 cores
+    python benchmarks/speedup.py --threads 1            # CPU (and CUDA when available), ~4 min on 2 cores
     python benchmarks/speedup.py --models resnet56 --batch-sizes 1 --ratios 0.5
 """
 
