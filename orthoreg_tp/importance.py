@@ -146,6 +146,7 @@ class AccumulatingImportance(tp.importance.Importance):
                     for (name, p), s in zip(params, means):
                         if s is not None:
                             self._add(name, p, s, take)
+                    del means  # free this batch's gradients before the next forward (peak: +1x parameters)
                     seen += take
                     bar.update(take)
                     if seen >= num_samples:
