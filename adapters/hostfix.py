@@ -282,17 +282,47 @@ def _set_chunk_mappings(node: Any, chunks: dict[Any, list[int] | None]) -> None:
                 dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offset, reverse=True)
 
 
+def _channel_split_sizes(node: Any) -> list[int] | None:
+    """Chunk sizes of a split along the channel dim (1 for 2-D/4-D, last for 3-D), from the autograd node."""
+    grad_fn = node.grad_fn
+    shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    dim = getattr(grad_fn, "_saved_dim", None)
+    if shape is None or dim is None:
+        return None
+    ndim, dim = len(shape), int(dim)
+    dim = dim - 2**64 if dim >= 2**63 else dim  # negative dims are saved as unsigned
+    dim = dim % ndim if ndim else 0
+    if dim != (2 if ndim == 3 else 1):
+        return None
+    explicit = getattr(grad_fn, "_saved_split_sizes", None)
+    if explicit is not None:
+        return [int(v) for v in explicit]
+    step, total = getattr(grad_fn, "_saved_split_size", None), int(shape[dim])
+    if not step:
+        return None
+    return [min(int(step), total - i) for i in range(0, total, int(step))]
+
+
 def chunked_split_index_mapping(graph: Any, node: Any) -> None:
-    """Split mapping by the chunk each consumer reads (``output_nr``), not by discovery order."""
+    """Split mapping by the chunk each consumer reads (``output_nr``), not by discovery order.
+
+    Chunk sizes come from the autograd node the first time (torch-pruning's own inference reads a consumer's
+    width, e.g. a concat's total, when the ``_saved_self_sizes`` attribute it looks for is missing, as on
+    torch >= 2.1), then from the sizes torch-pruning's ``SplitPruner`` keeps up to date while pruning.
+    """
     if node.type != ops.OPTYPE.SPLIT or not node.enable_index_mapping:
         return
-    dim = getattr(node.grad_fn, "_saved_dim", 1)
-    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
-    if sizes is not None and int(dim) < len(sizes) and int(dim) not in (1, -len(sizes) + 1):
-        return
-    offsets = node.module.offsets
-    if not offsets or len(offsets) < 2:
-        return
+    module = node.module
+    if not getattr(module, "_orthoreg_sized", False):
+        sizes = _channel_split_sizes(node)
+        if sizes is None:
+            return
+        module.split_sizes = sizes
+        module._orthoreg_sized = True
+    offsets = [0]
+    for size in module.split_sizes:
+        offsets.append(offsets[-1] + size)
+    module.offsets = offsets
     chunks: dict[Any, list[int] | None] = {}
     for out in node.outputs:
         nr = _output_nr(node, out)

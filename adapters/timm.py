@@ -21,6 +21,7 @@ import timm
 import timm.layers
 import timm.models.cspnet
 import timm.models.focalnet
+import timm.models.mlp_mixer
 import timm.models.res2net
 import timm.models.swin_transformer
 import timm.models.swin_transformer_v2
@@ -244,6 +245,15 @@ def _selective_kernel(module: nn.Module, name: str, ctx: AdapterContext) -> Spec
     part = frozen_block(module, "paths are stacked on a new dim that torch-pruning maps onto channels")
     if getattr(module, "split_input", False):
         part.pinned_inputs.append(module)  # torch.split by a width fixed at construction
+    return part
+
+
+@register_module_adapter(timm.models.mlp_mixer.SpatialGatingUnit)
+def _spatial_gating(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # proj mixes tokens (it runs on x.transpose(-1, -2)) and the halves of the input gate each other:
+    # keep the unit and the channels it reads.
+    part = frozen_block(module, "token-mixing projection between the two halves of its input")
+    part.pinned_inputs.append(module)
     return part
 
 
