@@ -8,13 +8,14 @@ Example:
 """
 
 from .baselines import GraSPImportance, RDTImportance, TFOImportance
-from .floor import FloorImportance, LayerFloor, keep_floor
+from .floor import FloorImportance, LayerFloor, RoundedFloorImportance, keep_floor
 from .functional import cumulative_schedule, paper_schedule
 from .grouping import along, register_param_slices
 from .importance import AccumulatingImportance, FisherImportance, OrthoRegImportance
 from .metrics import filter_correlations, layer_widths, mean_orthonormality, orthonormality, prunable_channels
 from .pruner import OrthoRegPruner
 from .regularizer import OrthoRegularizer, find_classifier
+from .ties import TieBreakImportance, break_ties
 
 __all__ = [
     "AccumulatingImportance",
@@ -26,8 +27,11 @@ __all__ = [
     "OrthoRegPruner",
     "OrthoRegularizer",
     "RDTImportance",
+    "RoundedFloorImportance",
     "TFOImportance",
+    "TieBreakImportance",
     "along",
+    "break_ties",
     "cumulative_schedule",
     "filter_correlations",
     "find_classifier",

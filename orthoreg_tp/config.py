@@ -82,6 +82,7 @@ class RecipeConfig:
     rounds: int = 1
     thresholds: list[float] | None = None  # cumulative % per round, instead of prune_percent + rounds
     target_macs: float | None = None  # fraction of dense MACs to end at, instead of prune_percent
+    round_to: int | None = None  # keep pruned widths multiples of this (faster kernels); None: any width
     # early bird
     eb_detect: bool = False
     eb_threshold: float = 0.1  # You et al. (ICLR 2020)
@@ -123,6 +124,8 @@ class RecipeConfig:
             t = list(self.thresholds)
             if not t or any(not 0.0 < v <= MAX_PERCENT for v in t) or t != sorted(set(t)):
                 raise ValueError(f"thresholds must increase strictly within (0, {MAX_PERCENT:g}], got {t!r}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, got {self.round_to!r}")
         if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
             raise ValueError(f"target_macs must be a fraction of the dense MACs in (0, 1), got {self.target_macs!r}")
         if self.thresholds is not None and self.target_macs is not None:
@@ -218,6 +221,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--method", default=d.method, choices=sorted(METHODS),
                    help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
     g.add_argument("--prune-percent", type=float, default=d.prune_percent, help="%% of filters removed")
+    g.add_argument("--round-to", type=int, default=None,
+                   help="keep pruned layer widths multiples of N (the ratio is searched so at least the asked "
+                        "share of channels goes)")
     g = parser.add_argument_group("optimization")
     g.add_argument("--preset", default=d.preset, choices=list(PRESETS))
     g.add_argument("--phase", dest="phases", type=_phase, action="append", default=[], metavar="NAME=LR:EP,..",

@@ -246,7 +246,8 @@ class Experiment:
             return
         self.feed_importance()
         step = prune_step_(self.model, self.example_inputs, self.importance, ratio=ratio,
-                           target_macs=target_macs, adapters=self.adapters, seed=self.cfg.seed + round_index)
+                           target_macs=target_macs, adapters=self.adapters, round_to=self.cfg.round_to,
+                           seed=self.cfg.seed + round_index)
         check_same_on_all_ranks(step.history, what=f"round {round_index}'s pruning")
         self.state["history"] += step.history
         self.state["remaining"] *= 1.0 - step.achieved

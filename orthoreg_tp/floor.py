@@ -7,6 +7,7 @@ scores instead: a group's best ``floor`` channels score ``+inf``, so global rank
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,3 +98,34 @@ class FloorImportance(tp.importance.Importance):
         """The wrapped importance's scores with the floor applied."""
         scores = self.inner(group)
         return None if scores is None else self.floor(group, scores)
+
+
+class RoundedFloorImportance(tp.importance.Importance):
+    """Raise a group's protected channels (``+inf`` scores) to a multiple of ``round_to`` (at least one).
+
+    torch-pruning's ``round_to`` rounds each layer's kept width *down*; a layer whose kept width rounds to zero is
+    skipped whole, so the global ratio undershoots, and rounding down can cut into the per-layer floor. With the
+    best ``ceil(max(floor, 1) / round_to) * round_to`` channels protected, every layer keeps a non-zero multiple
+    and its floor.
+
+    Args:
+        inner: Any torch-pruning importance (its ``+inf`` scores are its floor).
+        round_to: The channel multiple the pruner keeps.
+
+    Example:
+        >>> imp = RoundedFloorImportance(FloorImportance(tp.importance.MagnitudeImportance()), 8)  # doctest: +SKIP
+    """
+
+    def __init__(self, inner: Any, round_to: int) -> None:
+        if round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+        self.inner = inner
+        self.round_to = int(round_to)
+
+    def __call__(self, group: Any) -> Tensor | None:
+        """The wrapped importance's scores with the rounded floor applied."""
+        scores = self.inner(group)
+        if scores is None or self.round_to == 1:
+            return scores
+        protected = int(torch.isinf(scores).sum())
+        return protect_best(scores, math.ceil(max(protected, 1) / self.round_to) * self.round_to)

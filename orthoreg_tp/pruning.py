@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from . import _compat
+from .floor import RoundedFloorImportance
 from .metrics import prunable_channels
 from .models import build_model
 from .records import atomic_torch_save, safe_torch_load
 from .regularizer import find_classifier
+from .ties import TieBreakImportance
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +50,12 @@ def uses_adapters(model_name: str) -> bool:
 
 
 def build_pruner(model: nn.Module, example_inputs: Tensor, importance: Any, *, ratio: float,
-                 adapters: bool = False) -> tuple[tp.pruner.MetaPruner, Callable[[], None]]:
+                 adapters: bool = False, round_to: int | None = None,
+                 ) -> tuple[tp.pruner.MetaPruner, Callable[[], None]]:
     """A global MetaPruner for one step, and the fix-up to call after it pruned.
+
+    The importance is wrapped in :class:`~orthoreg_tp.ties.TieBreakImportance`, so equal scores cannot make
+    the global ranking remove more channels than asked.
 
     Args:
         model: The bare model.
@@ -57,6 +64,8 @@ def build_pruner(model: nn.Module, example_inputs: Tensor, importance: Any, *, r
         ratio: Fraction of the model's *current* prunable channels to remove.
         adapters: Take ignored layers, head counts, unwrapped parameters and fix-ups from
             ``orthoreg_tp.adapters.prepare`` (needed for most timm/torchvision models).
+        round_to: Keep every pruned layer's width a multiple of this (torch-pruning's ``round_to``; combined
+            with the adapters' head multiples by least common multiple).
 
     Returns:
         ``(pruner, finalize)``.
@@ -74,6 +83,10 @@ def build_pruner(model: nn.Module, example_inputs: Tensor, importance: Any, *, r
         kwargs = spec.pruner_kwargs()
     if classifier is not None:
         kwargs["ignored_layers"] = [*kwargs["ignored_layers"], classifier]
+    if round_to is not None and round_to > 1:
+        kwargs["round_to"] = math.lcm(round_to, kwargs.get("round_to") or 1)
+    if not isinstance(importance, TieBreakImportance):
+        importance = TieBreakImportance(importance)
     # max_pruning_ratio caps nothing in one global step (TORCH_PRUNING_NOTES.md); FloorImportance does.
     pruner = tp.pruner.MetaPruner(model, example_inputs, importance=importance, global_pruning=True,
                                   pruning_ratio=ratio, max_pruning_ratio=0.95, **kwargs)
@@ -152,9 +165,12 @@ class StepResult:
 
 
 def prune_step_(model: nn.Module, example_inputs: Tensor, importance: Any, *, ratio: float | None = None,
-                target_macs: float | None = None, adapters: bool = False, seed: int = 0,
-                search_steps: int = 12) -> StepResult:
+                target_macs: float | None = None, adapters: bool = False, round_to: int | None = None,
+                seed: int = 0, search_steps: int = 12) -> StepResult:
     """Prune ``model`` in place once, by a channel ratio or down to a MACs budget.
+
+    Equal scores are tie-broken (see :func:`build_pruner`), so a ratio removes that many channels, not every
+    channel tied with the last one.
 
     Args:
         model: The bare model (not a DDP wrapper); rebuild optimizers and wrappers afterwards.
@@ -163,6 +179,9 @@ def prune_step_(model: nn.Module, example_inputs: Tensor, importance: Any, *, ra
         ratio: Fraction of current prunable channels to remove.
         target_macs: Instead of ``ratio``: the MACs to end at; the ratio is found by bisection on dry runs.
         adapters: See :func:`build_pruner`.
+        round_to: Keep layer widths multiples of this. Each layer keeps at least one multiple (and its floor,
+            rounded up); torch-pruning rounds kept widths down, so ``achieved`` can exceed ``ratio`` by up to
+            ``round_to - 1`` channels per layer, or fall short when narrow layers cannot lose a whole multiple.
         seed: Seeds torch's RNG first, so random importances prune the same channels on every rank.
         search_steps: Bisection steps of the MACs search.
 
@@ -170,7 +189,8 @@ def prune_step_(model: nn.Module, example_inputs: Tensor, importance: Any, *, ra
         A :class:`StepResult`.
 
     Raises:
-        ValueError: Unless exactly one of ``ratio``/``target_macs`` is given, or for a ratio outside [0, 1).
+        ValueError: Unless exactly one of ``ratio``/``target_macs`` is given, for a ratio outside [0, 1), or a
+            ``round_to`` below 1.
 
     Example:
         >>> result = prune_step_(model, x, imp, ratio=0.5)  # doctest: +SKIP
@@ -179,19 +199,32 @@ def prune_step_(model: nn.Module, example_inputs: Tensor, importance: Any, *, ra
         raise ValueError(f"give exactly one of ratio and target_macs, got {ratio!r} and {target_macs!r}")
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
-    pruner, _ = build_pruner(model, example_inputs, importance, ratio=0.0, adapters=adapters)
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+    build = dict(adapters=adapters, round_to=round_to)
+    if round_to is not None and round_to > 1:
+        importance = RoundedFloorImportance(importance, round_to)  # no layer rounds to zero or under its floor
+    pruner, _ = build_pruner(model, example_inputs, importance, ratio=0.0, **build)
     total = prunable_channels(pruner)
     feasible = max(0.0, 1.0 - protected_channels(pruner, importance) / max(total, 1) - 1e-9)
+
+    def dry_run(r: float) -> nn.Module:
+        torch.manual_seed(seed)
+        trial_pruner, _ = build_pruner(model, example_inputs, importance, ratio=r, **build)
+        trial = copy.deepcopy(model)
+        replay_pruning_(trial, example_inputs, plan_pruning(trial_pruner), adapters=adapters)
+        return trial
+
     if target_macs is not None:
-        applied = _ratio_for_macs(model, example_inputs, importance, target_macs, feasible,
-                                  adapters=adapters, seed=seed, steps=search_steps)
+        applied = _search_ratio(lambda r: count_macs_params(dry_run(r), example_inputs)[0], target_macs,
+                                feasible, search_steps, what=f"MACs target {target_macs:.4g}")
     else:
         applied = min(ratio, feasible)
         if applied < ratio:
             logger.warning("pruning ratio %.4f would break the per-layer floor; pruning %.4f instead",
                            ratio, applied)
     torch.manual_seed(seed)
-    pruner, finalize = build_pruner(model, example_inputs, importance, ratio=applied, adapters=adapters)
+    pruner, finalize = build_pruner(model, example_inputs, importance, ratio=applied, **build)
     history = plan_pruning(pruner, apply=True)
     finalize()
     achieved = 1.0 - prunable_channels(pruner) / max(total, 1)
@@ -212,23 +245,19 @@ def count_macs_params(model: nn.Module, example_inputs: Tensor) -> tuple[int, in
     return int(macs), int(params)
 
 
-def _ratio_for_macs(model: nn.Module, example_inputs: Tensor, importance: Any, target_macs: float,
-                    feasible: float, *, adapters: bool, seed: int, steps: int) -> float:
-    """Largest-MACs ratio in ``[0, feasible]`` whose dry run ends at or under ``target_macs``."""
-    def macs_after(r: float) -> int:
-        torch.manual_seed(seed)
-        pruner, _ = build_pruner(model, example_inputs, importance, ratio=r, adapters=adapters)
-        trial = copy.deepcopy(model)
-        replay_pruning_(trial, example_inputs, plan_pruning(pruner), adapters=adapters)
-        return count_macs_params(trial, example_inputs)[0]
+def _search_ratio(measure: Callable[[float], float], target: float, feasible: float, steps: int, *,
+                  what: str) -> float:
+    """Smallest ratio in ``[0, feasible]`` whose dry run measures at or under ``target`` (bisection).
 
+    ``measure`` (MACs or channels left after pruning at a ratio) must not increase with the ratio.
+    """
     lo, hi = 0.0, feasible
-    if macs_after(hi) > target_macs:
-        logger.warning("MACs target %.3g is out of reach under the per-layer floor; pruning %.4f", target_macs, hi)
+    if measure(hi) > target:
+        logger.warning("%s is out of reach under the per-layer floor; pruning %.4f", what, hi)
         return hi
     for _ in range(steps):
         mid = (lo + hi) / 2
-        if macs_after(mid) > target_macs:
+        if measure(mid) > target:
             lo = mid
         else:
             hi = mid
