@@ -43,8 +43,16 @@ class ParamStatistics:
             return None
         return entry
 
-    def add(self, param: Tensor, batch_mean: Tensor, num_samples: int) -> None:
-        """Add a statistic averaged over ``num_samples`` samples (accumulated in place, no temporary copy)."""
+    def add(self, param: Tensor, batch_mean: Tensor, num_samples: int, *, owned: bool = False) -> None:
+        """Add a statistic averaged over ``num_samples`` samples (accumulated in place, no temporary copy).
+
+        Args:
+            param: The parameter the statistic belongs to (the key).
+            batch_mean: The statistic's mean over the batch, shaped like ``param``.
+            num_samples: The batch size behind the mean (its weight).
+            owned: ``batch_mean`` is a temporary nobody else reads: a parameter's first statistic becomes the
+                running sum in place instead of a copy (the first batch then costs no extra memory).
+        """
         if not torch.isfinite(batch_mean).all():
             raise RuntimeError(
                 f"non-finite values in the accumulated statistic of a parameter of shape {tuple(param.shape)}; "
@@ -53,7 +61,11 @@ class ParamStatistics:
         entry = self._lookup(param)
         value = batch_mean.detach()
         if entry is None or entry[1].shape != value.shape:
-            self._entries[id(param)] = (weakref.ref(param), value.to(torch.float32) * num_samples, int(num_samples))
+            if owned and value.dtype == torch.float32:
+                total = value.mul_(num_samples)
+            else:
+                total = value.to(torch.float32) * num_samples
+            self._entries[id(param)] = (weakref.ref(param), total, int(num_samples))
         else:
             entry[1].add_(value, alpha=num_samples)
             self._entries[id(param)] = (entry[0], entry[1], entry[2] + int(num_samples))

@@ -142,11 +142,13 @@ class AccumulatingImportance(tp.importance.Importance):
                     if take < batch_size_of(x):
                         x = x[:take] if isinstance(x, Tensor) else [t[:take] for t in x]
                         y = y[:take]
-                    means = self._batch_statistics(model, params, x, y, loss_fn)
-                    for (name, p), s in zip(params, means):
+                    means = list(self._batch_statistics(model, params, x, y, loss_fn))
+                    for i, (name, p) in enumerate(params):
+                        s, means[i] = means[i], None  # the first batch's tensors become the running sums
                         if s is not None:
-                            self._add(name, p, s, take)
-                    del means  # free this batch's gradients before the next forward (peak: +1x parameters)
+                            self._add(name, p, s, take, owned=True)
+                        del s
+                    del means
                     seen += take
                     bar.update(take)
                     if seen >= num_samples:
@@ -182,16 +184,20 @@ class AccumulatingImportance(tp.importance.Importance):
         if not found:
             raise RuntimeError("accumulate_grad found no .grad on the model; call loss.backward() first")
 
-    def _add(self, name: str, param: Tensor, batch_mean: Tensor, num_samples: int) -> None:
+    def _add(self, name: str, param: Tensor, batch_mean: Tensor, num_samples: int, *, owned: bool = False) -> None:
         try:
-            self.stats.add(param, batch_mean, num_samples)
+            self.stats.add(param, batch_mean, num_samples, owned=owned)
         except RuntimeError as err:
             raise RuntimeError(f"{type(self).__name__}: parameter {name!r}: {err}") from None
 
     def _batch_statistics(
         self, model: nn.Module, params: list[tuple[str, nn.Parameter]], x: Any, y: Tensor, loss_fn: LossFn
     ) -> list[Tensor | None]:
-        """Per-parameter batch means of the statistic (default: the gradient of the mean loss)."""
+        """Per-parameter batch means of the statistic (default: the gradient of the mean loss).
+
+        The returned list and tensors belong to the caller, which modifies them in place (the first batch's
+        tensors become the running sums), so never return tensors that live on (such as ``p.grad``).
+        """
         loss = loss_fn(model(x), y)
         return list(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
 

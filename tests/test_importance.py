@@ -289,3 +289,29 @@ def test_accumulate_restores_train_mode(net_and_data):
     OrthoRegImportance().accumulate(model, [(x, y)], num_samples=10, progress=False)
     assert model.training
     assert math.isfinite(float(model(x).sum().detach()))
+
+
+def test_float32_accumulation_owns_batch_tensors_but_never_user_gradients():
+    from orthoreg_tp.accumulate import ParamStatistics
+
+    p, t = nn.Parameter(torch.zeros(3)), torch.ones(3)
+    stats = ParamStatistics()
+    stats.add(p, t, num_samples=4, owned=True)  # a temporary: becomes the running sum, no copy
+    assert torch.equal(t, torch.full((3,), 4.0)) and torch.equal(stats.mean(p), torch.ones(3))
+    torch.manual_seed(0)
+    model = three_layer_net()  # float32: the owned path
+    x, y = torch.randn(10, 3, 6, 6), torch.randint(0, 3, (10,))
+    for sizes in (10, 4):  # one batch (sums taken over in place), then several (added in place)
+        imp = OrthoRegImportance(min_keep_ratio=None)
+        imp.accumulate(model, batches(x, y, sizes), num_samples=10, progress=False)
+        ref = reference_mean_grad(model, x, y)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(imp.stats.mean(param), ref[name], rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: q.grad.clone() for n, q in model.named_parameters()}
+    imp = OrthoRegImportance(min_keep_ratio=None)
+    imp.accumulate_grad(model, num_samples=10)
+    imp.accumulate_grad(model, num_samples=10)
+    for n, q in model.named_parameters():
+        assert torch.equal(q.grad, grads[n])  # the user's .grad is read, never modified
