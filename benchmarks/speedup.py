@@ -4,8 +4,9 @@ Each model (random weights, BatchNorm statistics calibrated on random data, CIFA
 from dense by 30/50/70% of its channels with OrthoReg's importance (ranked globally, 5% per-layer floor; scores
 accumulated on random data, which only shapes *where* channels go). For each, the measured forward latency (median
 of interleaved runs, ``inference_mode``) is compared with the MACs reduction: efficiency = latency reduction / MACs
-reduction (goal >= 0.8). A second set is pruned with layer widths rounded to multiples of 16 (torch-pruning's
-``round_to``), which CPU kernels prefer. The pruned models are exported to ONNX and run in onnxruntime, whose
+reduction (goal >= 0.8). A second set is pruned with layer widths rounded to multiples of 16
+(``prune_step_(round_to=16)``: torch-pruning's ``round_to`` with every layer keeping at least one multiple), which
+CPU kernels prefer. The pruned models are exported to ONNX and run in onnxruntime, whose
 outputs must match PyTorch's (skipped cleanly when ``onnx``/``onnxruntime`` are not installed:
 ``pip install orthoreg-tp[onnx]``).
 
@@ -24,11 +25,10 @@ import warnings
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from _common import interleaved_times, machine_line, markdown_table, median, write_results
 from torch import nn
 
-from orthoreg_tp import find_classifier, layer_widths, prunable_channels
+from orthoreg_tp import layer_widths
 from orthoreg_tp.methods import build_importance, feed_importance_, get_method
 from orthoreg_tp.models import build_model
 from orthoreg_tp.pruning import count_macs_params, prune_step_
@@ -86,10 +86,7 @@ def prune_copies(name: str, args: argparse.Namespace) -> tuple[dict[str, nn.Modu
             model = copy.deepcopy(dense)
             importance = build_importance(method, layer_widths(model))
             feed_importance_(method, importance, model, data, num_samples=64, progress=False)
-            if round_to == 1:
-                achieved = prune_step_(model, example, importance, ratio=ratio).achieved
-            else:
-                achieved = _prune_rounded(model, example, importance, ratio, round_to)
+            achieved = prune_step_(model, example, importance, ratio=ratio, round_to=round_to).achieved
             model.zero_grad(set_to_none=True)
             calibrate_bn_(model, data)  # downstream statistics changed with the removed channels
             macs, params = count_macs_params(model, example)
@@ -98,18 +95,6 @@ def prune_copies(name: str, args: argparse.Namespace) -> tuple[dict[str, nn.Modu
             info[key] = {"macs": macs, "params": params, "channels_removed": achieved, "round_to": round_to,
                          "macs_removed": 1 - macs / macs0, "params_removed": 1 - params / params0}
     return models, info
-
-
-def _prune_rounded(model: nn.Module, example: torch.Tensor, importance: Any, ratio: float, round_to: int) -> float:
-    """Prototype: the same global pruning with every layer's width rounded to a multiple of ``round_to``.
-
-    ``orthoreg_tp.pruning.prune_step_`` does not expose torch-pruning's ``round_to``; this builds the pruner directly.
-    """
-    pruner = tp.pruner.MetaPruner(model, example, importance=importance, global_pruning=True, pruning_ratio=ratio,
-                                  max_pruning_ratio=0.95, ignored_layers=[find_classifier(model)], round_to=round_to)
-    before = prunable_channels(pruner)
-    pruner.step()
-    return 1 - prunable_channels(pruner) / before
 
 
 def latencies(models: dict[str, nn.Module], batch: int, device: torch.device, args: argparse.Namespace) -> dict:
