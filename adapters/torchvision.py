@@ -8,6 +8,9 @@
 - ShuffleNet-V2 mixes channels with ``channel_shuffle`` (a view/transpose/view that torch-pruning cannot map):
   each branch's last 1x1 conv keeps its outputs, so the shuffled streams keep their order; the inner branch
   widths and the final ``conv5`` are pruned.
+- RAFT splits the context encoder's output into the GRU's hidden state (a width fixed at construction) and the
+  context features, and correlates the feature maps over their channels: both encoders' output convs keep their
+  widths; the encoders' inner layers and the update block are pruned.
 - ``FrozenBatchNorm2d`` keeps its affine parameters as buffers; a customized pruner slices them.
 - Detection models: the RPN / box / mask / keypoint predictors and the FPN keep their widths (the choices of
   torch-pruning's torchvision example); the number of detections depends on the weights, so verification
@@ -22,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torchvision.models import shufflenetv2, swin_transformer, vision_transformer
+from torchvision.models.optical_flow import raft
 from torchvision.ops import misc as misc_ops
 
 from .generic import frozen_block
@@ -121,6 +125,18 @@ def _shuffle_block(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPar
         ignored_layers=keep,
         notes=["ShuffleNetV2: branch outputs kept (channel_shuffle order)"],
     )
+
+
+@register_module_adapter(raft.RAFT)
+def _raft(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # torch.split(context_out, [hidden_state_size, rest]) with hidden_state_size fixed at construction; the
+    # correlation volume (a matmul over the feature maps' channels) has a fixed width that torch-pruning's trace
+    # couples to the feature maps' channels.
+    return SpecPart(
+        ignored_layers=[module.context_encoder.conv, module.feature_encoder.conv],
+        notes=["RAFT: context_encoder.conv kept (split into a fixed-size hidden state and the context); "
+               "feature_encoder.conv kept (the correlation volume's width does not follow it)"],
+    )  # not `handled`: the encoders and the update block still go through the generic pass
 
 
 class FrozenBatchNormPruner(tp.pruner.function.BasePruningFunc):
