@@ -33,8 +33,15 @@ the patched names disappear.
   that still grows past :data:`INDEX_BUDGET` entries raises :class:`GroupExplosion` naming the root layer,
   which :func:`~orthoreg_tp.adapters.prune` then freezes. Index mappings are refreshed only when a group
   was pruned since the last walk (``Group.prune`` bumps a counter), not on every walk.
+- ``update_concat_index_mapping`` sizes a concat input produced by a split as the split's ``i``-th chunk,
+  ``i`` being the input's discovery order, and before the split's own sizes are known (the concat node is
+  usually visited first): the size is ``None``, the concat keeps the identity mapping, and channels of a
+  later chunk prune the wrong consumer inputs (FasterNet's ``cat((conv(x1), x2))``). The wrapper sizes such
+  inputs from the split's autograd node and the chunk the concat reads (``output_nr``).
 - ``ConcatPruner`` / ``SplitPruner`` (the bookkeeping of concat/split sizes) add ``None`` sizes when channel
   inference failed (CoaT): TypeError in the pruning step. The guard skips the bookkeeping in that case.
+- ``GroupNormPruner`` prunes ``layer.bias`` unconditionally; timm's ``GroupNorm1NoBias`` (PoolFormerV2) sets it
+  to ``None``: AttributeError in the pruning step. ``_prune_parameter_and_grad`` passes ``None`` through.
 - The index-mapping objects (``_ConcatIndexMapping``, ``_SplitIndexMapping``, ``_GQAIndexMapping``, ...)
   read ``offset[1]`` from one-element offset lists or divide by 0 when inference went wrong: IndexError or
   ZeroDivisionError while building groups. The guard maps such indices to nothing (the dependency is not
@@ -60,14 +67,16 @@ from torch_pruning.pruner import function
 
 __all__ = ["INDEX_BUDGET", "PATCHED", "GroupExplosion", "host_fixes", "strict_reshape_index_mapping"]
 
-_UPDATERS = (
-    "update_concat_index_mapping",
-    "update_expand_index_mapping",
-)
+_UPDATERS = ("update_expand_index_mapping",)
 _MAPPINGS = tuple(
     getattr(index_mapping, name)
-    for name in ("_FlattenIndexMapping", "_ConcatIndexMapping", "_SplitIndexMapping", "_GQAIndexMapping",
-                 "_SliceIndexMapping")
+    for name in (
+        "_FlattenIndexMapping",
+        "_ConcatIndexMapping",
+        "_SplitIndexMapping",
+        "_GQAIndexMapping",
+        "_SliceIndexMapping",
+    )
 )
 
 #: ``(owner, attribute)`` pairs replaced by :func:`host_fixes`.
@@ -77,7 +86,9 @@ PATCHED = (
         (index_mapping, "update_slice_index_mapping"),
         (index_mapping, "update_split_index_mapping"),
         (index_mapping, "update_unbind_index_mapping"),
+        (index_mapping, "update_concat_index_mapping"),
         (DependencyGraph, "get_pruning_group"),
+        (function.BasePruningFunc, "_prune_parameter_and_grad"),
         (Group, "prune"),
         (ConcatPruner, "prune_out_channels"),
         (ConcatPruner, "prune_in_channels"),
@@ -141,8 +152,10 @@ def _max_width(graph: Any) -> int:
     if cached is None:
         cached = 1
         for module in graph.module2node:
-            for value in (getattr(module, a, None) for a in ("in_channels", "out_channels", "in_features",
-                                                             "out_features", "num_features", "embed_dim")):
+            for value in (
+                getattr(module, a, None)
+                for a in ("in_channels", "out_channels", "in_features", "out_features", "num_features", "embed_dim")
+            ):
                 if isinstance(value, int):
                     cached = max(cached, value)
             if isinstance(module, nn.Parameter):
@@ -282,8 +295,13 @@ def _set_chunk_mappings(node: Any, chunks: dict[Any, list[int] | None]) -> None:
                 dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offset, reverse=True)
 
 
-def _channel_split_sizes(node: Any) -> list[int] | None:
-    """Chunk sizes of a split along the channel dim (1 for 2-D/4-D, last for 3-D), from the autograd node."""
+def _channel_split_sizes(node: Any, graph: Any = None) -> list[int] | None:
+    """Chunk sizes of a split along the channel dim, from the autograd node.
+
+    The channel dim is 1 for 2-D/4-D tensors and the last one for 3-D tensors; with ``graph``, also dim 1 or
+    the last dim whenever the producer has that many channels (``Conv1d`` outputs ``[B, C, L]``, MambaOut's
+    channels-last ``[B, H, W, C]``).
+    """
     grad_fn = node.grad_fn
     shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
     dim = getattr(grad_fn, "_saved_dim", None)
@@ -292,7 +310,8 @@ def _channel_split_sizes(node: Any) -> list[int] | None:
     ndim, dim = len(shape), int(dim)
     dim = dim - 2**64 if dim >= 2**63 else dim  # negative dims are saved as unsigned
     dim = dim % ndim if ndim else 0
-    if dim != (2 if ndim == 3 else 1):
+    other = dim in (1, ndim - 1) and graph is not None and _producer_channels(graph, node) == int(shape[dim])
+    if dim != (2 if ndim == 3 else 1) and not other:
         return None
     explicit = getattr(grad_fn, "_saved_split_sizes", None)
     if explicit is not None:
@@ -314,7 +333,7 @@ def chunked_split_index_mapping(graph: Any, node: Any) -> None:
         return
     module = node.module
     if not getattr(module, "_orthoreg_sized", False):
-        sizes = _channel_split_sizes(node)
+        sizes = _channel_split_sizes(node, graph)
         if sizes is None:
             return
         module.split_sizes = sizes
@@ -328,6 +347,40 @@ def chunked_split_index_mapping(graph: Any, node: Any) -> None:
         nr = _output_nr(node, out)
         chunks[out] = offsets[nr : nr + 2] if nr is not None and nr + 1 < len(offsets) else None
     _set_chunk_mappings(node, chunks)
+
+
+def _split_chunk_size(graph: Any, split_node: Any, consumer: Any) -> int | None:
+    """Width of the chunk of ``split_node`` that ``consumer`` reads (``None`` when unknown or ambiguous)."""
+    reads = [nr for fn, nr in getattr(consumer.grad_fn, "next_functions", ()) or () if fn is split_node.grad_fn]
+    if len(reads) != 1:
+        return None
+    module = split_node.module
+    sizes = module.split_sizes if getattr(module, "_orthoreg_sized", False) else _channel_split_sizes(split_node, graph)
+    nr = int(reads[0])
+    return int(sizes[nr]) if sizes is not None and nr < len(sizes) else None
+
+
+def _sized_concat(update: Any) -> Any:
+    """Fill the concat sizes torch-pruning could not infer for inputs that come straight from a split."""
+
+    @functools.wraps(update)
+    def wrapper(graph: Any, node: Any) -> Any:
+        module = node.module
+        if node.type == ops.OPTYPE.CONCAT and getattr(module, "concat_sizes", None) is None:
+            sizes = []
+            for in_node in node.inputs:
+                if in_node.type == ops.OPTYPE.SPLIT:
+                    sizes.append(_split_chunk_size(graph, in_node, node))
+                else:
+                    sizes.append(shape_infer.infer_channels_between(graph, in_node, node))
+            if None not in sizes:
+                module.concat_sizes = sizes
+        try:
+            return update(graph, node)
+        except (ArithmeticError, IndexError, TypeError, ValueError):
+            return None
+
+    return wrapper
 
 
 def _ordered_outputs(update: Any) -> Any:
@@ -359,6 +412,16 @@ def _guard_sizes(prune: Any, attr: str) -> Any:
         if sizes is not None and any(s is None for s in sizes):
             return None  # sizes were never inferred: there is no bookkeeping to update
         return prune(self, layer, idxs)
+
+    return wrapper
+
+
+def _none_passes(prune: Any) -> Any:
+    @functools.wraps(prune)
+    def wrapper(self: Any, weight: Any, keep_idxs: Any, pruning_dim: int) -> Any:
+        if weight is None:
+            return None  # an optional parameter that is absent (GroupNorm without bias)
+        return prune(self, weight, keep_idxs, pruning_dim)
 
     return wrapper
 
@@ -410,6 +473,9 @@ def host_fixes() -> Iterator[None]:
     index_mapping.update_reshape_index_mapping = _guard_updater(strict_reshape_index_mapping)
     DependencyGraph.get_pruning_group = convergent_get_pruning_group
     Group.prune = _counting_prune(Group.__dict__["prune"])
+    function.BasePruningFunc._prune_parameter_and_grad = _none_passes(
+        function.BasePruningFunc.__dict__["_prune_parameter_and_grad"]
+    )
     for cls, attr in ((ConcatPruner, "concat_sizes"), (SplitPruner, "split_sizes")):
         guarded = _guard_sizes(cls.__dict__["prune_out_channels"], attr)
         cls.prune_out_channels = guarded  # the same function for both directions, as torch-pruning has it
@@ -418,6 +484,7 @@ def host_fixes() -> Iterator[None]:
         setattr(index_mapping, name, _guard_updater(getattr(index_mapping, name)))
     index_mapping.update_slice_index_mapping = _strict_slice(index_mapping.update_slice_index_mapping)
     index_mapping.update_split_index_mapping = _guard_updater(chunked_split_index_mapping)
+    index_mapping.update_concat_index_mapping = _sized_concat(index_mapping.update_concat_index_mapping)
     index_mapping.update_unbind_index_mapping = _ordered_outputs(index_mapping.update_unbind_index_mapping)
     for cls in _MAPPINGS:
         cls.__call__ = _guard_mapping(cls.__dict__["__call__"])

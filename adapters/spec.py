@@ -55,6 +55,7 @@ class SpecPart:
 
     ignored_layers: list[nn.Module] = field(default_factory=list)
     num_heads: dict[nn.Module, int] = field(default_factory=dict)
+    out_channel_groups: dict[nn.Module, int] = field(default_factory=dict)  # chunks pruned in lockstep
     unwrapped_parameters: list[tuple[nn.Parameter, int]] = field(default_factory=list)
     round_to: set[int] = field(default_factory=set)
     customized_pruners: dict[type, Any] = field(default_factory=dict)
@@ -77,6 +78,9 @@ class PruningSpec:
         source: ``"timm"``, ``"torchvision"`` or ``"generic"``.
         ignored_layers: Layers whose outputs are kept (classifier heads, frozen attention internals).
         num_heads: Head count of each attention projection (fused qkv or separate q/k/v layers).
+        out_channel_groups: Layers whose output is ``n`` equal chunks that index the same channels (a gate and
+            its value: ``a * b`` after a split); torch-pruning ranks the chunks together and prunes the same
+            positions in each. Without it, a group coupled to itself loses up to twice the channels it ranks.
         unwrapped_parameters: ``(parameter, dim)`` pairs for tokens, position embeddings, layer-scale gammas
             and relative-position tables.
         round_to: Channel multiple torch-pruning keeps (head counts, group multiples), or ``None``.
@@ -101,6 +105,7 @@ class PruningSpec:
     source: str
     ignored_layers: tuple[nn.Module, ...] = ()
     num_heads: Mapping[nn.Module, int] = field(default_factory=lambda: MappingProxyType({}))
+    out_channel_groups: Mapping[nn.Module, int] = field(default_factory=lambda: MappingProxyType({}))
     unwrapped_parameters: tuple[tuple[nn.Parameter, int], ...] = ()
     round_to: int | None = None
     customized_pruners: Mapping[type, Any] = field(default_factory=lambda: MappingProxyType({}))
@@ -115,14 +120,15 @@ class PruningSpec:
         """Keyword arguments for ``tp.pruner.MetaPruner`` (fresh containers on every call).
 
         Returns:
-            ``ignored_layers``, ``num_heads``, ``unwrapped_parameters``, ``round_to`` and
-            ``customized_pruners``; merge them with your own (``ignored_layers`` lists may be concatenated).
+            ``ignored_layers``, ``num_heads``, ``out_channel_groups``, ``unwrapped_parameters``, ``round_to``
+            and ``customized_pruners``; merge them with your own (``ignored_layers`` lists may be concatenated).
         """
         heads = dict(self.num_heads)
         self._issued_heads[:] = [heads]
         return {
             "ignored_layers": list(self.ignored_layers),
             "num_heads": heads,
+            "out_channel_groups": dict(self.out_channel_groups),
             "unwrapped_parameters": list(self.unwrapped_parameters),
             "round_to": self.round_to,
             "customized_pruners": dict(self.customized_pruners),
@@ -162,6 +168,7 @@ class PruningSpec:
             "source": self.source,
             "ignored_layers": len(self.ignored_layers),
             "attention_layers": len(self.num_heads),
+            "channel_groups": len(self.out_channel_groups),
             "unwrapped_parameters": len(self.unwrapped_parameters),
             "round_to": self.round_to,
             "customized_pruners": sorted(c.__name__ for c in self.customized_pruners),
@@ -199,6 +206,7 @@ def merge_parts(
     """
     ignored: list[nn.Module] = []
     heads: dict[nn.Module, int] = {}
+    groups: dict[nn.Module, int] = {}
     unwrapped: dict[int, tuple[nn.Parameter, int]] = {}
     rounds: set[int] = set()
     pruners: dict[type, Any] = {}
@@ -208,6 +216,7 @@ def merge_parts(
     for part in parts:
         ignored.extend(part.ignored_layers)
         heads.update(part.num_heads)
+        groups.update(part.out_channel_groups)
         for param, dim in part.unwrapped_parameters:
             unwrapped.setdefault(id(param), (param, dim))
         rounds |= {r for r in part.round_to if r > 1}
@@ -222,6 +231,7 @@ def merge_parts(
         source=source,
         ignored_layers=tuple(_dedup(ignored)),
         num_heads=MappingProxyType(heads),
+        out_channel_groups=MappingProxyType(groups),
         unwrapped_parameters=tuple(unwrapped.values()),
         round_to=round_to,
         customized_pruners=MappingProxyType(pruners),

@@ -15,14 +15,20 @@ Attention strategy, per class (all decided here, none in the core):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import timm
 import timm.layers
 import timm.models.cspnet
+import timm.models.efficientvim
+import timm.models.fasternet
 import timm.models.focalnet
+import timm.models.inception_next
+import timm.models.mambaout
+import timm.models.metaformer
 import timm.models.mlp_mixer
 import timm.models.res2net
+import timm.models.shvit
 import timm.models.swin_transformer
 import timm.models.swin_transformer_v2
 import timm.models.swin_transformer_v2_cr
@@ -269,3 +275,104 @@ def _cross_stage(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart 
         return None
     # x.split(self.expand_chs // 2) with a width fixed at construction: keep the expanded width.
     return SpecPart(ignored_layers=[module.conv_exp], notes=[f"{type(module).__name__}: conv_exp kept (split)"])
+
+
+# ----------------------------------------------------------------------------------------------- split sizes
+# Blocks that ``torch.split`` a tensor by sizes stored at construction. torch-pruning prunes every chunk
+# consistently (the host fix maps each chunk to its consumers) but cannot know the Python attributes: the
+# fix-ups recompute them from the pruned layers that read or write each chunk.
+def _split_fixup(name: str, description: str, fn: Callable[[nn.Module], None]) -> Fixup:
+    def fix(mod: nn.Module, _ctx: FixupContext) -> None:
+        fn(mod)
+
+    return Fixup(name, description, fix)
+
+
+def _sync_partial_conv(block: nn.Module) -> None:
+    mixer, conv = block.spatial_mixing, block.spatial_mixing.partial_conv3
+    width = block.mlp[-1].out_channels  # the residual stream: the mixer's input width
+    untouched = width - conv.in_channels
+    if untouched < 0 or conv.out_channels + untouched != block.mlp[0].in_channels:
+        raise ValueError(f"partial conv {conv.in_channels}->{conv.out_channels} does not fit stream {width}")
+    mixer.dim_conv3, mixer.dim_untouched = conv.in_channels, untouched
+
+
+@register_module_adapter(timm.models.fasternet.MLPBlock)
+def _fasternet_block(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    mixer = module.spatial_mixing
+    if getattr(mixer.forward, "__func__", None) is not type(mixer).forward_split_cat:
+        return None  # the in-place 'slicing' forward needs equal in/out widths: the repair loop handles it
+    fix = _split_fixup(name, "FasterNet partial conv: dim_conv3/dim_untouched from pruned layers", _sync_partial_conv)
+    return SpecPart(fixups=[fix])
+
+
+def _sync_inception_dw(block: nn.Module) -> None:
+    mixer = block.token_mixer
+    convs = (mixer.dwconv_hw, mixer.dwconv_w, mixer.dwconv_h)
+    identity = block.norm.num_features - sum(c.out_channels for c in convs)  # norm reads the mixer's output
+    if identity < 0:
+        raise ValueError(f"branches are wider ({sum(c.out_channels for c in convs)}) than the block")
+    mixer.split_indexes = (identity, *(c.in_channels for c in convs))
+
+
+@register_module_adapter(timm.models.inception_next.MetaNeXtBlock)
+def _inception_next_block(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    mixer, norm = module.token_mixer, getattr(module, "norm", None)
+    if not isinstance(mixer, timm.models.inception_next.InceptionDWConv2d) or not hasattr(norm, "num_features"):
+        return None
+    fix = _split_fixup(name, "InceptionNeXt: split_indexes from the pruned branches", _sync_inception_dw)
+    return SpecPart(fixups=[fix])
+
+
+def _sync_gated_conv(block: nn.Module) -> None:
+    hidden, conv = block.fc2.in_features, block.conv.out_channels
+    if block.fc1.out_features != 2 * hidden or conv > hidden:
+        raise ValueError(f"fc1 width {block.fc1.out_features} is not 2 x {hidden} (conv {conv})")
+    block.split_indices = (hidden, hidden - conv, conv)
+
+
+@register_module_adapter(timm.models.mambaout.GatedConvBlock)
+def _gated_conv_block(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # fc1 -> (gate, identity, conv) chunks; gate x cat(identity, conv) couples the halves channel by channel.
+    # torch-pruning roots the group at the depthwise conv when it meets it first and then never visits fc1's
+    # (gate, identity) pairs: those stay unpruned (a host limitation: one group per layer).
+    fix = _split_fixup(name, "MambaOut gated conv: split_indices from fc2/conv", _sync_gated_conv)
+    return SpecPart(fixups=[fix])
+
+
+def _sync_hsm_ssd(mixer: nn.Module) -> None:
+    inner = mixer.out_proj.conv.in_channels
+    if mixer.hz_proj.conv.out_channels != 2 * inner:
+        raise ValueError(f"hz_proj width {mixer.hz_proj.conv.out_channels} is not 2 x {inner}")
+    mixer.d_inner = inner
+
+
+@register_module_adapter(timm.models.efficientvim.HSMSSD)
+def _hsm_ssd(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # The B, C and dt chunks of BCdt_proj (and A) index the same states, but C meets them only through a
+    # matmul torch-pruning does not couple: the state dimension is kept. d_inner (hz_proj halves) is pruned.
+    return SpecPart(
+        ignored_layers=[module.BCdt_proj.conv],
+        out_channel_groups={module.hz_proj.conv: 2},  # h * act(z): the two halves index the same channels
+        fixups=[_split_fixup(name, "EfficientViM HSM-SSD: d_inner from out_proj", _sync_hsm_ssd)],
+        notes=["HSMSSD: state_dim kept (B/C/dt chunks meet through a matmul)"],
+    )
+
+
+@register_module_adapter(timm.models.shvit.SHSA)
+def _single_head_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # forward splits its input by self.pdim and reshapes the attention values with the same self.pdim, so the
+    # partial input width must equal the value width, and q/k meet in a matmul torch-pruning does not couple.
+    # One attribute for two independently pruned widths: keep the block and the stream it reads.
+    part = frozen_block(module, "input split and value reshape share pdim")
+    part.pinned_inputs.append(module)
+    return part
+
+
+@register_module_adapter(timm.models.metaformer.Scale)
+def _metaformer_scale(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # forward reshapes the scale to self.shape, (dim, 1, 1) or (dim,), cached at construction.
+    def fix(mod: nn.Module, _ctx: FixupContext) -> None:
+        mod.shape = (mod.scale.numel(), *mod.shape[1:])
+
+    return SpecPart(fixups=[Fixup(name, "MetaFormer scale: shape from the pruned scale", fix)], handled={id(module)})

@@ -1,0 +1,91 @@
+"""timm blocks whose forward reads sizes fixed at construction: pruned for real, with no block frozen.
+
+Each model is a reduced config of the family's smallest timm model (random weights, 64x64 inputs). ``prune``
+must succeed without its repair loop (``report.frozen`` empty), keep the output shape and shrink the model; for
+BatchNorm CNNs the pruned model must also compute what the unpruned one computes with the removed channels'
+consumers zeroed (the helper of ``test_adapters_consistency``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from orthoreg_tp.adapters import prune
+from test_adapters_consistency import _prune_recording, _randomize_bn, _zero_consumers
+
+
+def _timm(name: str, **kwargs: object) -> Callable[[], nn.Module]:
+    return lambda: timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+def _inception_next() -> nn.Module:
+    model = timm.create_model(
+        "inception_next_atto", pretrained=False, num_classes=10, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)
+    )
+    model.head.norm = nn.Identity()  # the head's LayerNorm is not channel-local (zeroing != removing)
+    return model
+
+
+def _poolformerv2() -> nn.Module:
+    from timm.models.metaformer import GroupNorm1NoBias, MetaFormer
+
+    # poolformerv2_s12's layout (GroupNorm without bias, res_scale Scale layers) at a tenth of the width.
+    return MetaFormer(
+        depths=(1, 1, 1, 1),
+        dims=(16, 32, 64, 128),
+        norm_layers=GroupNorm1NoBias,
+        use_mlp_head=False,
+        res_scale_init_values=(None, None, 1.0, 1.0),
+        num_classes=10,
+    )
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "fasternet": _timm("fasternet_t0", embed_dim=16, depths=(1, 1, 1, 1), feature_dim=64),
+    "inception_next": _inception_next,
+    "mambaout": _timm("test_mambaout"),
+    "efficientvim": _timm("efficientvim_m1", embed_dim=(32, 48, 64), depths=(1, 1, 1), state_dim=(9, 9, 9)),
+    "shvit": _timm("shvit_s1", embed_dim=(32, 48, 64), depth=(1, 1, 1), partial_dim=(8, 12, 16)),
+    "poolformerv2": _poolformerv2,
+}
+#: BatchNorm CNNs: pruning must equal zeroing the removed channels' consumers.
+PRESERVING = ("fasternet", "inception_next")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pruned_without_frozen_blocks(name: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+
+    report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
+
+    assert report.frozen == ()
+    assert report.params_fraction < 0.8
+    with torch.no_grad():
+        after = model(x)
+    assert after.shape == before.shape and torch.isfinite(after).all()
+
+
+@pytest.mark.parametrize("name", PRESERVING)
+def test_pruned_equals_zeroed(name: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    reference = copy.deepcopy(model)
+
+    removed = _prune_recording(model, x, 0.5)
+    _zero_consumers(reference, removed)
+
+    assert removed
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
