@@ -72,6 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--timeout-s", type=float, default=240.0, help="hard wall-clock kill per model")
     group.add_argument("--threads", type=int, default=2)
     group.add_argument("--fresh", action="store_true", help="drop earlier results instead of merging")
+    group.add_argument("--update-readme", action="store_true", help="copy the markdown table into README.md")
     worker = parser.add_argument_group("worker (internal)")
     worker.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--lib", default=None, help=argparse.SUPPRESS)
@@ -305,10 +306,20 @@ def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s:
         if not rows:
             continue
         ok = sum(r.get("status") == "ok" for r in rows)
+        clean = sum(r.get("status") == "ok" and not r.get("frozen") for r in rows)
         fast = sum(_passes(r, limit_s) for r in rows)
         unit = "families" if lib == "timm" else "models"
-        lines.append(f"**{lib}**: {ok}/{len(rows)} {unit} pruned and verified ({ok / len(rows):.0%}); "
-                     f"{fast}/{len(rows)} within {limit_s:.0f} s (accumulate + prune).  ")
+        lines.append(f"**{lib}**: {ok}/{len(rows)} {unit} pruned and verified ({ok / len(rows):.0%}), "
+                     f"{clean} of them without any block frozen by the repair loop; {fast}/{len(rows)} within "
+                     f"{limit_s:.0f} s (accumulate + prune).  ")
+        failed = [f"`{r['model']}` ({r['status']})" for r in rows if r.get("status") != "ok"]
+        repaired = [f"`{r['model']}` ({len(r['frozen'])})" for r in rows if r.get("status") == "ok" and r.get("frozen")]
+        slow = [f"`{r['model']}` ({r.get('total_s')} s)" for r in rows
+                if r.get("status") == "ok" and r.get("total_s", 0) > limit_s]
+        for label, items in (("not pruned", failed), ("pruned after freezing blocks (count)", repaired),
+                             (f"over {limit_s:.0f} s", slow)):
+            if items:
+                lines.append(f"- {lib} {label}: {', '.join(items)}  ")
     lines += ["", "| lib | family | model | input | status | params kept | MACs kept | accumulate+prune s "
               "| CPU s | peak RSS GB | frozen / error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["lib"], r.get("family") or "", r["model"])):
@@ -370,6 +381,22 @@ def main(args: argparse.Namespace) -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         JSON_PATH.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
         MD_PATH.write_text(write_markdown(records, meta, args.limit_s))
+    if args.update_readme:
+        update_readme(MD_PATH.read_text())
+
+
+README_PATH = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def update_readme(markdown: str, readme: Path = README_PATH) -> None:
+    """Replace the README's block between the prunability markers with the sweep's markdown."""
+    begin, end = "<!-- prunability:begin -->", "<!-- prunability:end -->"
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} block to update")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{begin}\n{markdown.rstrip()}\n{end}{tail}")
 
 
 if __name__ == "__main__":
