@@ -6,8 +6,9 @@
    regularization ``OrthoRegularizer(every=k)`` (the gradient every k-th step, scaled by k) and a prototype that
    batches the Gram computations of same-shaped layers into one ``bmm``.
 2. ``OrthoRegImportance.accumulate`` vs. a plain forward+backward loop over the same samples (goal <= 1.10x).
-3. Peak memory of both over N and 4N samples, each in a fresh process (CPU: heap in use from glibc's ``mallinfo2``,
-   sampled; CUDA: the allocator's peak), against the parameter size (goal: O(parameters), independent of N).
+3. Peak memory of both over one batch, N and 4N samples, each in a fresh process (CPU: heap in use from glibc's
+   ``mallinfo2``, sampled; CUDA: the allocator's peak), against the parameter size (goal: O(parameters),
+   independent of N).
 
     python benchmarks/overhead.py --threads 1          # CPU, batch 32, ~13 min on 2 (busy) cores
     python benchmarks/overhead.py --device cuda --batch-size 128
@@ -251,34 +252,13 @@ class HeapMeter:
         return max(peak[0], self.in_use())
 
 
-class ReleasingImportance(OrthoRegImportance):
-    """Prototype: drop each batch's statistics once added, before the next batch runs.
-
-    In the core ``accumulate`` loop the previous batch's ``sums`` list stays referenced while the next batch's
-    forward and backward run (the name is only rebound when ``_batch_statistics`` returns), so one parameter-sized
-    copy lives through the activation peak. Here the list's entries are released as they are added, which is what
-    a ``del sums`` at the end of the core loop would do.
-    """
-
-    def _batch_statistics(self, model, params, x, y, loss_fn):  # noqa: D102 - same contract as the core's
-        self._pending, self._next = super()._batch_statistics(model, params, x, y, loss_fn), 0
-        return self._pending
-
-    def _add(self, name, param, weighted_sum, num_samples):  # noqa: D102
-        super()._add(name, param, weighted_sum, num_samples)
-        while self._next < len(self._pending) and self._pending[self._next] is not weighted_sum:
-            self._next += 1  # entries skipped by the caller (parameters without a gradient)
-        if self._next < len(self._pending):
-            self._pending[self._next] = None
-
-
 def memory_child(args: argparse.Namespace) -> None:
     """Run in a fresh process: heap peak of one mode over ``BATCHES`` batches, printed as JSON."""
     name, mode, nb = args.memory_child[0], args.memory_child[1], int(args.memory_child[2])
     device = resolve_device(args.device)
     model, x, y, _ = make(name, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    imp = (ReleasingImportance if mode == "accumulate_release" else OrthoRegImportance)(min_keep_ratio=None)
+    imp = OrthoRegImportance(min_keep_ratio=None)
     meter = HeapMeter(device)
     # warm-up: one forward+backward so lazy initialization is in the baseline of both modes
     torch.autograd.grad(F.cross_entropy(model.eval()(x), y), params)
@@ -301,8 +281,8 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def memory(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rows = []
-    for mode in ("forward_backward", "accumulate", "accumulate_release"):
-        for nb in (args.importance_batches, 4 * args.importance_batches):
+    for mode in ("forward_backward", "accumulate"):
+        for nb in (1, args.importance_batches, 4 * args.importance_batches):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, mode, str(nb),
                    "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
                    "--num-classes", str(args.num_classes), "--device", args.device,
@@ -342,30 +322,26 @@ def summarize(steps: list, imps: list, mems: list, args: argparse.Namespace, dev
                                    "met" if i["ratio"] <= IMPORTANCE_GOAL else "missed"] for i in imps])]
     if mems:
         rows = []
+        samples = sorted({r["samples"] for r in mems[0]["rows"]})
+        ns = " / ".join(str(n) for n in samples)
         for m in mems:
             by = {(r["mode"], r["samples"]): r for r in m["rows"]}
-            samples = sorted({r["samples"] for r in m["rows"]})
             pb = m["rows"][0]["param_bytes"]
             cells = [m["model"], f"{pb / 2**20:.0f}"]
             for mode in ("forward_backward", "accumulate"):
-                cells += [f"{by[(mode, n)]['extra_peak'] / 2**20:.0f}" for n in samples]
+                cells.append(" / ".join(f"{by[(mode, n)]['extra_peak'] / 2**20:.0f}" for n in samples))
             diff = [(by[("accumulate", n)]["extra_peak"] - by[("forward_backward", n)]["extra_peak"]) / pb
                     for n in samples]
             cells.append(" / ".join(f"{d:.2f}" for d in diff))
             cells.append(" / ".join(f"{by[('accumulate', n)]['retained'] / pb:.2f}" for n in samples))
-            proto = [(by[("accumulate_release", n)]["extra_peak"] - by[("forward_backward", n)]["extra_peak"]) / pb
-                     for n in samples]
-            cells.append(" / ".join(f"{d:.2f}" for d in proto))
             rows.append(cells)
-        n0, n1 = sorted({r["samples"] for r in mems[0]["rows"]})
         parts += ["### Peak memory of importance estimation (fresh process per cell)",
                   f"Peak heap in use above the model, data and one warm-up backward already in memory (CPU: glibc "
-                  f"`mallinfo2` sampled every 0.2 ms; CUDA: allocator peak), MiB, over N = {n0} and {n1} samples; "
-                  f"then the differences in units of the parameter size.",
-                  markdown_table(["model", "params MiB", f"fwd+bwd N={n0}", f"fwd+bwd N={n1}", f"accumulate N={n0}",
-                                  f"accumulate N={n1}", f"accumulate - fwd+bwd peak (N={n0} / {n1}), x params",
-                                  "retained after accumulate, x params",
-                                  "release-early prototype - fwd+bwd peak, x params"], rows)]
+                  f"`mallinfo2` sampled every 0.2 ms; CUDA: allocator peak), MiB, over N = {ns} samples (batch "
+                  f"{args.batch_size}); then the differences in units of the parameter size.",
+                  markdown_table(["model", "params MiB", f"fwd+bwd (N = {ns})", f"accumulate (N = {ns})",
+                                  "accumulate - fwd+bwd peak, x params", "retained after accumulate, x params"],
+                                 rows)]
     return "\n\n".join(parts)
 
 
