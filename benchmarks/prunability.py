@@ -320,7 +320,8 @@ def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s:
                              (f"over {limit_s:.0f} s", slow)):
             if items:
                 lines.append(f"- {lib} {label}: {', '.join(items)}  ")
-    lines += ["", "| lib | family | model | input | status | params kept | MACs kept | accumulate+prune s "
+    lines += ["", f"<details><summary>Per-model table ({len(records)} models)</summary>", "",
+              "| lib | family | model | input | status | params kept | MACs kept | accumulate+prune s "
               "| CPU s | peak RSS GB | frozen / error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["lib"], r.get("family") or "", r["model"])):
         note = "; ".join(r.get("frozen", []))[:160] or (r.get("error") or "")[:160]
@@ -331,6 +332,7 @@ def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s:
         lines.append(f"| {r['lib']} | {r.get('family') or ''} | {r['model']} | {shape} | {r['status']} | {kept} "
                      f"| {macs} | {r.get('total_s', '')} | {r.get('total_cpu_s', '')} | {r.get('peak_rss_gb', '')} "
                      f"| {note} |")
+    lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
 
 
