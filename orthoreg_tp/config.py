@@ -17,6 +17,7 @@ from typing import Any
 
 from .data import DATASETS
 from .distributed import DEVICES
+from .floor import NORMALIZERS
 from .methods import METHODS
 from .training import LRSchedule
 
@@ -83,6 +84,7 @@ class RecipeConfig:
     thresholds: list[float] | None = None  # cumulative % per round, instead of prune_percent + rounds
     target_macs: float | None = None  # fraction of dense MACs to end at, instead of prune_percent
     round_to: int | None = None  # keep pruned widths multiples of this (faster kernels); None: any width
+    normalizer: str | None = None  # per-layer score normalization before global ranking; None: raw (the paper)
     # early bird
     eb_detect: bool = False
     eb_threshold: float = 0.1  # You et al. (ICLR 2020)
@@ -124,6 +126,8 @@ class RecipeConfig:
             t = list(self.thresholds)
             if not t or any(not 0.0 < v <= MAX_PERCENT for v in t) or t != sorted(set(t)):
                 raise ValueError(f"thresholds must increase strictly within (0, {MAX_PERCENT:g}], got {t!r}")
+        if self.normalizer is not None and self.normalizer not in NORMALIZERS:
+            raise ValueError(f"unknown normalizer, got {self.normalizer!r}; choose one of {list(NORMALIZERS)}")
         if self.round_to is not None and self.round_to < 1:
             raise ValueError(f"round_to must be a positive integer, got {self.round_to!r}")
         if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
@@ -221,6 +225,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--method", default=d.method, choices=sorted(METHODS),
                    help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
     g.add_argument("--prune-percent", type=float, default=d.prune_percent, help="%% of filters removed")
+    g.add_argument("--normalizer", default=None, choices=NORMALIZERS,
+                   help="normalize each layer's scores before global ranking (default: raw scores, as the paper)")
     g.add_argument("--round-to", type=int, default=None,
                    help="keep pruned layer widths multiples of N (the ratio is searched so at least the asked "
                         "share of channels goes)")

@@ -106,7 +106,8 @@ class Experiment:
         self.dense_macs, self.dense_params = count_macs_params(self.model, self.example_inputs)
         head = find_classifier(self.model)
         self._head_names = {n for n, m in self.model.named_modules() if head is not None and m is head}
-        self.importance = build_importance(self.method, self.dense_widths, seed=cfg.seed)
+        self.importance = build_importance(self.method, self.dense_widths, seed=cfg.seed,
+                                           normalizer=cfg.normalizer)
         self.state: dict[str, Any] = {"stages_done": 0, "epoch_in_stage": 0, "global_epoch": 0, "history": [],
                                       "remaining": 1.0, "rows": [], "last_prune": None, "extra": {}, "notes": {}}
         self._stage = 0

@@ -17,6 +17,8 @@ from torch import Tensor
 
 from . import _compat
 
+NORMALIZERS: tuple[str, ...] = ("mean", "max", "sum", "standarization", "gaussian", "lamp")
+
 
 def keep_floor(initial_width: int, min_keep_ratio: float) -> int:
     """The paper's per-layer floor: keep ``int(min_keep_ratio * initial_width) + 1`` channels.
@@ -83,6 +85,10 @@ class FloorImportance(tp.importance.Importance):
         inner: Any torch-pruning importance.
         initial_widths: ``{layer name: original width}``; see :class:`LayerFloor`.
         min_keep_ratio: 0.05 in the paper.
+        normalizer: ``None`` (raw scores ranked across layers, as the paper does) or one of torch-pruning's
+            per-group normalizers (``"mean"``, ``"max"``, ``"sum"``, ``"standarization"``, ``"gaussian"``,
+            ``"lamp"``), applied before the floor. Magnitude-type scores of layers with different fan-in are not
+            comparable raw; normalizing per layer keeps global ranking from emptying whole layers.
 
     Example:
         >>> imp = FloorImportance(tp.importance.MagnitudeImportance(p=1, normalizer=None), layer_widths(model))
@@ -90,14 +96,19 @@ class FloorImportance(tp.importance.Importance):
     """
 
     def __init__(self, inner: Any, initial_widths: Mapping[str, int] | None = None, *,
-                 min_keep_ratio: float = 0.05) -> None:
+                 min_keep_ratio: float = 0.05, normalizer: str | None = None) -> None:
+        if normalizer is not None and normalizer not in NORMALIZERS:
+            raise ValueError(f"unknown normalizer, got {normalizer!r}; choose one of {list(NORMALIZERS)} or None")
         self.inner = inner
+        self.normalizer = normalizer
         self.floor = LayerFloor(min_keep_ratio, initial_widths)
 
     def __call__(self, group: Any) -> Tensor | None:
-        """The wrapped importance's scores with the floor applied."""
+        """The wrapped importance's scores, normalized if asked, with the floor applied."""
         scores = self.inner(group)
-        return None if scores is None else self.floor(group, scores)
+        if scores is None:
+            return None
+        return self.floor(group, _compat.normalize_scores(scores, self.normalizer))
 
 
 class RoundedFloorImportance(tp.importance.Importance):

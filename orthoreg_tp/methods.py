@@ -91,13 +91,14 @@ def get_method(name: str) -> Method:
 
 
 def build_importance(method: Method, initial_widths: Mapping[str, int], *, seed: int = 0,
-                     min_keep_ratio: float = 0.05) -> FloorImportance:
-    """The method's importance behind the per-layer floor.
+                     min_keep_ratio: float = 0.05, normalizer: str | None = None) -> FloorImportance:
+    """The method's importance behind the per-layer floor (scores normalized per layer if ``normalizer``).
 
     Example:
-        >>> imp = build_importance(get_method("l2"), {"features.0": 16})
+        >>> imp = build_importance(get_method("l2"), {"features.0": 16}, normalizer="mean")
     """
-    return FloorImportance(method.factory(seed), initial_widths, min_keep_ratio=min_keep_ratio)
+    return FloorImportance(method.factory(seed), initial_widths, min_keep_ratio=min_keep_ratio,
+                           normalizer=normalizer)
 
 
 def feed_importance_(method: Method, importance: Any, model: nn.Module, data: Iterable, *, num_samples: int,

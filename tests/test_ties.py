@@ -87,3 +87,25 @@ def test_recipe_round_to_option():
     assert config_from_args(args, recipe="iterative").round_to == 8
     with pytest.raises(ValueError, match="round_to must be a positive integer"):
         RecipeConfig(round_to=0).validate()
+
+
+def test_per_layer_normalizer_spreads_magnitude_pruning_across_layers():
+    import pytest
+
+    from orthoreg_tp.methods import build_importance, get_method
+
+    def kept_fractions(normalizer):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(32, 10))
+        dense = layer_widths(model)
+        prune_step_(model, X, build_importance(get_method("l1"), dense, normalizer=normalizer), ratio=0.5)
+        return [layer_widths(model)[k] / dense[k] for k in ("0", "2", "4")]
+
+    raw, mean = kept_fractions(None), kept_fractions("mean")
+    # Group L1 norms differ by layer (fan-in, consumers): raw global ranking cuts one layer down to its floor.
+    assert min(raw) <= 0.1
+    assert min(mean) >= 0.25 and abs(sum(mean) / 3 - 0.5) < 0.05
+    with pytest.raises(ValueError, match="unknown normalizer"):
+        FloorImportance(tp.importance.MagnitudeImportance(), normalizer="median")
