@@ -177,6 +177,19 @@ def _width(graph: Any, dep: Any) -> int:
     return width if isinstance(width, int) and width > 0 else _max_width(graph)
 
 
+def _edge_mappings(dep: Any) -> list[Any]:
+    """The index mappings of one edge in the order to apply them.
+
+    An edge between a concat and a split/slice feeding it carries the split/slice mapping in slot 0 and the
+    concat's in slot 1. Going forward (split/slice, then concat) that order is right; going back from the
+    concat it must be undone first, so reverse mappings are applied last slot first.
+    """
+    mappings = [m for m in dep.index_mapping if m is not None]
+    if len(mappings) > 1 and all(getattr(m, "reverse", False) for m in mappings):
+        mappings.reverse()
+    return mappings
+
+
 def convergent_get_pruning_group(self: Any, module: Any, pruning_fn: Any, idxs: Any) -> Any:
     """``DependencyGraph.get_pruning_group`` that propagates each (layer, handler, index) once."""
     if module not in self.module2node:
@@ -205,9 +218,8 @@ def convergent_get_pruning_group(self: Any, module: Any, pruning_fn: Any, idxs: 
             if not new_dep.is_triggered_by(dep.handler):
                 continue
             new_idxs = dep_idxs
-            for mapping in new_dep.index_mapping:
-                if mapping is not None:
-                    new_idxs = mapping(new_idxs)
+            for mapping in _edge_mappings(new_dep):
+                new_idxs = mapping(new_idxs)
             if not new_idxs:
                 continue
             key = (new_dep.target, new_dep.handler)
@@ -258,15 +270,65 @@ def _counting_prune(prune: Any) -> Any:
     return wrapper
 
 
+def _saved_dim(grad_fn: Any, ndim: int) -> int | None:
+    """``grad_fn._saved_dim`` as a non-negative dim of an ``ndim``-D tensor (``None`` when absent or invalid)."""
+    dim = getattr(grad_fn, "_saved_dim", None)
+    if dim is None:
+        return None
+    dim = int(dim)
+    dim = dim - 2**64 if dim >= 2**63 else dim  # negative dims are saved as unsigned
+    return dim % ndim if -ndim <= dim < ndim else None
+
+
+def _is_channel_slice(graph: Any, node: Any) -> bool | None:
+    """Whether a slice cuts the channel dim (``None``: its autograd node saved no shape).
+
+    A slice of a concatenation along the same dim is one (torch-pruning maps only channel concats: DPN's
+    ``x[:, :c]`` of the previous block's output, whose producer width it cannot infer through the concat);
+    otherwise the sliced dim must have the producer's channel count (LeViT's spatial ``x[:, ::2]`` has not).
+    """
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None:
+        return None
+    dim = _saved_dim(node.grad_fn, len(sizes))
+    if dim is None:
+        return None
+    for src in node.inputs:
+        if src.type == ops.OPTYPE.CONCAT and _saved_dim(src.grad_fn, len(sizes)) == dim:
+            return True
+    return _producer_channels(graph, node) == int(sizes[dim])
+
+
+def _install_slice_mappings(node: Any) -> None:
+    """Map a channel slice on the edges to its consumers, so that the slice node sees its input's channels.
+
+    torch-pruning maps on the edge from the sliced tensor, so ``SlicePruner`` receives indices relative to the
+    slice while it updates ``start``/``end`` as if they were input channels, and never hears of channels pruned
+    before ``start``: after the first pruned group the slice points at the wrong channels (DPN's
+    ``x[:, num_1x1_c:]`` of a concat whose first part shrank).
+    """
+    module = node.module
+    args = {"dim": module.dim, "start": module.start, "step": module.step, "end": module.end}
+    for out_node in node.outputs:
+        for dep in node.dependencies:
+            if dep.target == out_node:
+                dep.index_mapping[0] = index_mapping._SliceIndexMapping(**args, reverse=False)
+        for dep in out_node.dependencies:
+            if dep.target == node:
+                dep.index_mapping[0] = index_mapping._SliceIndexMapping(**args, reverse=True)
+
+
 def _strict_slice(update: Any) -> Any:
     @functools.wraps(update)
     def wrapper(graph: Any, node: Any) -> Any:
-        grad_fn = node.grad_fn
-        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
-        dim = getattr(grad_fn, "_saved_dim", None)
-        valid = sizes is not None and dim is not None and -len(sizes) <= int(dim) < len(sizes)
-        if valid and _producer_channels(graph, node) != int(sizes[int(dim)]):
+        module = node.module
+        if not hasattr(module, "_orthoreg_channel_slice"):  # decided once, on the unpruned shapes
+            module._orthoreg_channel_slice = _is_channel_slice(graph, node)
+        if module._orthoreg_channel_slice is False:
             return None  # a spatial slice of a channels-last tensor: channels pass through unchanged
+        if node.enable_index_mapping and module._orthoreg_channel_slice and module.step == 1 and module.start >= 0:
+            _install_slice_mappings(node)
+            return None
         try:
             return update(graph, node)
         except (ArithmeticError, IndexError, TypeError, ValueError):
@@ -360,21 +422,92 @@ def _split_chunk_size(graph: Any, split_node: Any, consumer: Any) -> int | None:
     return int(sizes[nr]) if sizes is not None and nr < len(sizes) else None
 
 
+def _slice_width(graph: Any, node: Any) -> int | None:
+    """Channels a channel slice keeps (``None`` when it slices another dim or the sizes are unknown)."""
+    if not _is_channel_slice(graph, node):
+        return None  # a spatial slice, or no saved shape
+    sizes, module = node.grad_fn._saved_self_sym_sizes, node.module
+    total, start = int(sizes[_saved_dim(node.grad_fn, len(sizes))]), int(module.start)
+    if start < 0:
+        return None  # torch-pruning's slice mapping assumes a non-negative start
+    return len(range(start, min(int(module.end), total), int(module.step)))
+
+
+def _concat_input_width(graph: Any, in_node: Any, consumer: Any) -> int | None:
+    """Width of one concat input: a split chunk, a channel slice, or an element-wise op reading one of them.
+
+    torch-pruning infers every other input through its producer, which for a slice (RexNet's
+    ``cat([x[:, :c] + shortcut, x[:, c:]])``) is the width of the sliced tensor, not of the slice.
+    """
+    if in_node.type == ops.OPTYPE.SPLIT:
+        return _split_chunk_size(graph, in_node, consumer)
+    if in_node.type == ops.OPTYPE.SLICE:
+        return _slice_width(graph, in_node)
+    if in_node.type == ops.OPTYPE.ELEMENTWISE:
+        for src in in_node.inputs:
+            width = None
+            if src.type == ops.OPTYPE.SLICE:
+                width = _slice_width(graph, src)
+            elif src.type == ops.OPTYPE.SPLIT:
+                width = _split_chunk_size(graph, src, in_node)
+            if width is not None:
+                return width  # an element-wise op keeps the width of each operand
+    return shape_infer.infer_channels_between(graph, in_node, consumer)
+
+
+def _layers_read(graph: Any, node: Any, width: int) -> bool:
+    """Whether some consumer of ``node`` has ``width`` input channels and every other one (slices aside) too."""
+    skip = (ops.OPTYPE.SLICE, ops.OPTYPE.SPLIT)
+    readers = [out for out in node.outputs if out.type not in skip]
+    widths = [shape_infer.infer_in_channels_recursively(graph, out, [0]) for out in readers]
+    known = [w for w in widths if w is not None]
+    return bool(known) and all(w == width for w in known)
+
+
+def _install_concat_mappings(node: Any, sizes: list[int]) -> None:
+    """The mappings ``update_concat_index_mapping`` installs for these sizes (the i-th input, the i-th chunk)."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    node.module.offsets = offsets
+    for reverse, owner_of in ((True, lambda n: node), (False, lambda n: n)):
+        addressed: list[Any] = []
+        for i, in_node in enumerate(node.inputs):
+            target = node if owner_of(in_node) is in_node else in_node
+            for dep in owner_of(in_node).dependencies:
+                if dep.target == target and not any(dep is d for d in addressed):
+                    dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=offsets[i : i + 2], reverse=reverse)
+                    addressed.append(dep)
+                    break
+
+
 def _sized_concat(update: Any) -> Any:
-    """Fill the concat sizes torch-pruning could not infer for inputs that come straight from a split."""
+    """Fill the concat sizes torch-pruning could not infer for inputs that come from a split or a slice.
+
+    When the layers reading a channel concat (``dim=1``) have exactly the sizes' total, the mappings are
+    installed here: torch-pruning's own check infers the output width through every consumer and gets it
+    wrong when one of them is a slice (DPN slices each block's output again), leaving the identity mapping.
+    """
 
     @functools.wraps(update)
     def wrapper(graph: Any, node: Any) -> Any:
         module = node.module
         if node.type == ops.OPTYPE.CONCAT and getattr(module, "concat_sizes", None) is None:
-            sizes = []
-            for in_node in node.inputs:
-                if in_node.type == ops.OPTYPE.SPLIT:
-                    sizes.append(_split_chunk_size(graph, in_node, node))
-                else:
-                    sizes.append(shape_infer.infer_channels_between(graph, in_node, node))
+            sizes = [_concat_input_width(graph, in_node, node) for in_node in node.inputs]
             if None not in sizes:
                 module.concat_sizes = sizes
+        sizes = getattr(module, "concat_sizes", None)
+        if (
+            node.type == ops.OPTYPE.CONCAT
+            and node.enable_index_mapping
+            and getattr(node.grad_fn, "_saved_dim", None) == 1
+            and sizes is not None
+            and None not in sizes
+            and len(sizes) == len(node.inputs)
+            and _layers_read(graph, node, sum(sizes))
+        ):
+            _install_concat_mappings(node, list(sizes))
+            return None
         try:
             return update(graph, node)
         except (ArithmeticError, IndexError, TypeError, ValueError):

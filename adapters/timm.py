@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import timm
 import timm.layers
 import timm.models.cspnet
+import timm.models.dpn
 import timm.models.efficientvim
 import timm.models.fasternet
 import timm.models.focalnet
@@ -28,6 +29,7 @@ import timm.models.mambaout
 import timm.models.metaformer
 import timm.models.mlp_mixer
 import timm.models.res2net
+import timm.models.rexnet
 import timm.models.shvit
 import timm.models.swin_transformer
 import timm.models.swin_transformer_v2
@@ -376,3 +378,63 @@ def _metaformer_scale(module: nn.Module, name: str, ctx: AdapterContext) -> Spec
         mod.shape = (mod.scale.numel(), *mod.shape[1:])
 
     return SpecPart(fixups=[Fixup(name, "MetaFormer scale: shape from the pruned scale", fix)], handled={id(module)})
+
+
+# ----------------------------------------------------------------------------------------------- partial residuals
+def _sync_linear_bottleneck(block: nn.Module) -> None:
+    first = block.conv_exp if block.conv_exp is not None else block.conv_dw
+    width_in, width_out = first.conv.in_channels, block.conv_pwl.conv.out_channels
+    if block.use_shortcut and width_in > width_out:
+        raise ValueError(f"shortcut width {width_in} exceeds the block output {width_out}")
+    block.in_channels, block.out_channels = width_in, width_out
+
+
+@register_module_adapter(timm.models.rexnet.LinearBottleneck)
+def _linear_bottleneck(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # cat([x[:, :in_channels] + shortcut, x[:, in_channels:]]): output channel c is conv_pwl channel c, and the
+    # first in_channels of them also carry the shortcut. The host fix sizes the concat inputs (slice, add), so
+    # torch-pruning keeps the pairs together; the kept shortcut channels stay first (pruning keeps order).
+    fix = _split_fixup(name, "RexNet partial residual: in/out_channels from the pruned convs", _sync_linear_bottleneck)
+    return SpecPart(fixups=[fix])
+
+
+def _input_width(module: nn.Module) -> int:
+    """Input width of a DPN stage entry: its first BatchNorm (DPN blocks normalise before every conv)."""
+    norm = next((m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    if norm is None:
+        raise ValueError(f"{type(module).__name__} has no BatchNorm to read its input width from")
+    return int(norm.num_features)
+
+
+def _sync_dual_path(block: nn.Module, width_out: int) -> None:
+    proj = block.c1x1_w_s1 if block.c1x1_w_s1 is not None else block.c1x1_w_s2
+    width_s = proj.conv.out_channels if proj is not None else _input_width(block)  # [residual | dense] read
+    inc = width_out - width_s  # the new dense channels (out2)
+    if block.c1x1_c1 is not None:
+        residual = block.c1x1_c1.out_channels
+        if block.c1x1_c2.out_channels != inc:
+            raise ValueError(f"dense output {block.c1x1_c2.out_channels} != block growth {inc}")
+    else:
+        residual = block.c1x1_c.conv.out_channels - inc  # c1x1_c outputs [residual | dense]
+    if inc < 0 or not 0 < residual <= width_s:
+        raise ValueError(f"residual {residual} / growth {inc} do not fit the shortcut width {width_s}")
+    block.num_1x1_c, block.inc = residual, inc
+
+
+def _sync_dpn(model: nn.Module, _ctx: FixupContext) -> None:
+    entries = list(model.features)
+    for block, successor in zip(entries, entries[1:]):
+        if isinstance(block, timm.models.dpn.DualPathBlock):
+            _sync_dual_path(block, _input_width(successor))
+
+
+@register_module_adapter(timm.models.dpn.DPN)
+def _dpn(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    # DualPathBlock: x_s = [residual | dense], output cat([x_s[:, :num_1x1_c] + out1, x_s[:, num_1x1_c:], out2]).
+    # The host fix sizes the concat inputs (slice + add, slice, conv), so residual and dense channels are pruned
+    # consistently; num_1x1_c (and inc) are then read back from the pruned widths. Without c1x1_c1 the residual
+    # width is c1x1_c's output minus the block's growth (its output width, read from the next entry, minus x_s).
+    blocks = list(getattr(module, "features", ()))
+    if not blocks or isinstance(blocks[-1], timm.models.dpn.DualPathBlock):
+        return None  # the last block's output width is not read by a later entry
+    return SpecPart(fixups=[Fixup(name, "DPN dual path: num_1x1_c/inc from the pruned widths", _sync_dpn)])

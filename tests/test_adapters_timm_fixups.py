@@ -46,6 +46,9 @@ def _poolformerv2() -> nn.Module:
     )
 
 
+# dpn48b's layout with one or two blocks per stage and a quarter of the width.
+_DPN = {"k_sec": (1, 2, 1, 1), "k_r": 64, "groups": 8, "inc_sec": (8, 16, 16, 32), "num_init_features": 8}
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "fasternet": _timm("fasternet_t0", embed_dim=16, depths=(1, 1, 1, 1), feature_dim=64),
     "inception_next": _inception_next,
@@ -53,9 +56,12 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "efficientvim": _timm("efficientvim_m1", embed_dim=(32, 48, 64), depths=(1, 1, 1), state_dim=(9, 9, 9)),
     "shvit": _timm("shvit_s1", embed_dim=(32, 48, 64), depth=(1, 1, 1), partial_dim=(8, 12, 16)),
     "poolformerv2": _poolformerv2,
+    "rexnet": _timm("rexnet_100", width_mult=0.5, depth_mult=0.3),
+    "dpn-b": _timm("dpn48b", **_DPN),
+    "dpn": _timm("dpn48b", **_DPN, b=False),  # slices c1x1_c's output into the residual and dense updates
 }
 #: BatchNorm CNNs: pruning must equal zeroing the removed channels' consumers.
-PRESERVING = ("fasternet", "inception_next")
+PRESERVING = ("fasternet", "inception_next", "rexnet", "dpn-b", "dpn")
 
 
 @pytest.mark.parametrize("name", list(MODELS))
