@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import timm
 import timm.layers
+import timm.models.coat
 import timm.models.cspnet
 import timm.models.dpn
 import timm.models.efficientvim
@@ -438,3 +439,14 @@ def _dpn(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
     if not blocks or isinstance(blocks[-1], timm.models.dpn.DualPathBlock):
         return None  # the last block's output width is not read by a later entry
     return SpecPart(fixups=[Fixup(name, "DPN dual path: num_1x1_c/inc from the pruned widths", _sync_dpn)])
+
+
+@register_module_adapter(timm.models.coat.FactorAttnConvRelPosEnc)
+def _factor_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # forward reshapes the attention output to the input width (reshape(B, N, C)) and the ConvRelPosEnc it
+    # holds is shared by every block of a stage, its depthwise convs split by head_chs fixed at construction:
+    # keep the block, its shared encoding and the stream it reads. Registered here so that every block is
+    # pinned up front (the generic detection skips blocks whose shared encoding an earlier block claimed).
+    part = frozen_block(module, "reshapes to its input width; shared ConvRelPosEnc split by head_chs")
+    part.pinned_inputs.append(module)
+    return part

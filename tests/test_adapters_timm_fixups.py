@@ -59,6 +59,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "rexnet": _timm("rexnet_100", width_mult=0.5, depth_mult=0.3),
     "dpn-b": _timm("dpn48b", **_DPN),
     "dpn": _timm("dpn48b", **_DPN, b=False),  # slices c1x1_c's output into the residual and dense updates
+    # attention pinned up front (reshapes to its input width): only the MLPs shrink, with no repair needed
+    "coat": _timm("coat_tiny", img_size=64, embed_dims=(32, 32, 32, 32), serial_depths=(1, 1, 1, 1), parallel_depth=1),
 }
 #: BatchNorm CNNs: pruning must equal zeroing the removed channels' consumers.
 PRESERVING = ("fasternet", "inception_next", "rexnet", "dpn-b", "dpn")
