@@ -35,6 +35,7 @@ import timm.models.shvit
 import timm.models.swin_transformer
 import timm.models.swin_transformer_v2
 import timm.models.swin_transformer_v2_cr
+import timm.models.vision_transformer_relpos
 import torch.nn as nn
 import torch_pruning as tp
 
@@ -448,5 +449,15 @@ def _factor_attention(module: nn.Module, name: str, ctx: AdapterContext) -> Spec
     # keep the block, its shared encoding and the stream it reads. Registered here so that every block is
     # pinned up front (the generic detection skips blocks whose shared encoding an earlier block claimed).
     part = frozen_block(module, "reshapes to its input width; shared ConvRelPosEnc split by head_chs")
+    part.pinned_inputs.append(module)
+    return part
+
+
+@register_module_adapter(timm.models.vision_transformer_relpos.RelPosAttention)
+def _relpos_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    # forward reshapes qkv with self.num_heads/self.head_dim but the output back to the input width
+    # (reshape(B, N, C)), and the relative-position MLP emits one bias per head: the attention width must stay
+    # the stream width, a coupling torch-pruning does not see. Keep the block and the stream it reads.
+    part = frozen_block(module, "reshapes to its input width; per-head relative-position bias")
     part.pinned_inputs.append(module)
     return part

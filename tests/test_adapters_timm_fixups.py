@@ -61,6 +61,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "dpn": _timm("dpn48b", **_DPN, b=False),  # slices c1x1_c's output into the residual and dense updates
     # attention pinned up front (reshapes to its input width): only the MLPs shrink, with no repair needed
     "coat": _timm("coat_tiny", img_size=64, embed_dims=(32, 32, 32, 32), serial_depths=(1, 1, 1, 1), parallel_depth=1),
+    "vit_relpos": _timm("test_vit_relpos", img_size=64),  # attention pinned up front: only the MLPs shrink
 }
 #: BatchNorm CNNs: pruning must equal zeroing the removed channels' consumers.
 PRESERVING = ("fasternet", "inception_next", "rexnet", "dpn-b", "dpn")
