@@ -173,8 +173,19 @@ def test_target_macs_budget(tmp_path):
     assert rows[2]["macs_pct"] > 25.0 and rows[2]["target_pct"] is None
 
 
+def test_round_to_and_normalizer_options(tmp_path):
+    results = run(ITERATIVE, "--method", "l1", "--prune-percent", "50", "--round-to", "8", "--normalizer", "mean",
+                  "--output-dir", str(tmp_path / "r8"), "--phase", "base=0.1:1", "--phase", "retrain=0.1:1")
+    widths = results["rows"][-1]["widths"]
+    assert all(w % 8 == 0 for name, w in widths.items() if name != "classifier"), widths
+    assert results["rows"][-1]["filters_pruned_pct"] >= 50.0 - 1e-6
+    assert json.loads((tmp_path / "r8" / "config.json").read_text())["normalizer"] == "mean"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--method", "magic"], "invalid choice: 'magic'"),
+    (["--round-to", "0"], "round_to must be a positive integer, got 0"),
+    (["--normalizer", "median"], "invalid choice: 'median'"),
     (["--prune-percent", "96"], "prune_percent must be in [0, 95], got 96.0"),
     (["--prune-percent", "-5"], "prune_percent must be in [0, 95], got -5.0"),
     (["--dataset", "tiny-imagenet"], "needs --data-path"),
