@@ -55,6 +55,7 @@ class SpecPart:
 
     ignored_layers: list[nn.Module] = field(default_factory=list)
     num_heads: dict[nn.Module, int] = field(default_factory=dict)
+    in_channel_groups: dict[nn.Module, int] = field(default_factory=dict)  # input chunks pruned in lockstep
     out_channel_groups: dict[nn.Module, int] = field(default_factory=dict)  # chunks pruned in lockstep
     unwrapped_parameters: list[tuple[nn.Parameter, int]] = field(default_factory=list)
     round_to: set[int] = field(default_factory=set)
@@ -78,6 +79,8 @@ class PruningSpec:
         source: ``"timm"``, ``"torchvision"`` or ``"generic"``.
         ignored_layers: Layers whose outputs are kept (classifier heads, frozen attention internals).
         num_heads: Head count of each attention projection (fused qkv or separate q/k/v layers).
+        in_channel_groups: Layers whose input is ``n`` equal chunks that must stay equal (a ``torch.split`` by a
+            size fixed at construction); every group reaching that input prunes the same positions in each chunk.
         out_channel_groups: Layers whose output is ``n`` equal chunks that index the same channels (a gate and
             its value: ``a * b`` after a split); torch-pruning ranks the chunks together and prunes the same
             positions in each. Without it, a group coupled to itself loses up to twice the channels it ranks.
@@ -105,6 +108,7 @@ class PruningSpec:
     source: str
     ignored_layers: tuple[nn.Module, ...] = ()
     num_heads: Mapping[nn.Module, int] = field(default_factory=lambda: MappingProxyType({}))
+    in_channel_groups: Mapping[nn.Module, int] = field(default_factory=lambda: MappingProxyType({}))
     out_channel_groups: Mapping[nn.Module, int] = field(default_factory=lambda: MappingProxyType({}))
     unwrapped_parameters: tuple[tuple[nn.Parameter, int], ...] = ()
     round_to: int | None = None
@@ -120,14 +124,16 @@ class PruningSpec:
         """Keyword arguments for ``tp.pruner.MetaPruner`` (fresh containers on every call).
 
         Returns:
-            ``ignored_layers``, ``num_heads``, ``out_channel_groups``, ``unwrapped_parameters``, ``round_to``
-            and ``customized_pruners``; merge them with your own (``ignored_layers`` lists may be concatenated).
+            ``ignored_layers``, ``num_heads``, ``in_channel_groups``, ``out_channel_groups``,
+            ``unwrapped_parameters``, ``round_to`` and ``customized_pruners``; merge them with your own
+            (``ignored_layers`` lists may be concatenated).
         """
         heads = dict(self.num_heads)
         self._issued_heads[:] = [heads]
         return {
             "ignored_layers": list(self.ignored_layers),
             "num_heads": heads,
+            "in_channel_groups": dict(self.in_channel_groups),
             "out_channel_groups": dict(self.out_channel_groups),
             "unwrapped_parameters": list(self.unwrapped_parameters),
             "round_to": self.round_to,
@@ -168,7 +174,7 @@ class PruningSpec:
             "source": self.source,
             "ignored_layers": len(self.ignored_layers),
             "attention_layers": len(self.num_heads),
-            "channel_groups": len(self.out_channel_groups),
+            "channel_groups": len(self.out_channel_groups) + len(self.in_channel_groups),
             "unwrapped_parameters": len(self.unwrapped_parameters),
             "round_to": self.round_to,
             "customized_pruners": sorted(c.__name__ for c in self.customized_pruners),
@@ -206,6 +212,7 @@ def merge_parts(
     """
     ignored: list[nn.Module] = []
     heads: dict[nn.Module, int] = {}
+    in_groups: dict[nn.Module, int] = {}
     groups: dict[nn.Module, int] = {}
     unwrapped: dict[int, tuple[nn.Parameter, int]] = {}
     rounds: set[int] = set()
@@ -216,6 +223,7 @@ def merge_parts(
     for part in parts:
         ignored.extend(part.ignored_layers)
         heads.update(part.num_heads)
+        in_groups.update(part.in_channel_groups)
         groups.update(part.out_channel_groups)
         for param, dim in part.unwrapped_parameters:
             unwrapped.setdefault(id(param), (param, dim))
@@ -231,6 +239,7 @@ def merge_parts(
         source=source,
         ignored_layers=tuple(_dedup(ignored)),
         num_heads=MappingProxyType(heads),
+        in_channel_groups=MappingProxyType(in_groups),
         out_channel_groups=MappingProxyType(groups),
         unwrapped_parameters=tuple(unwrapped.values()),
         round_to=round_to,

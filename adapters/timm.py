@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import timm
 import timm.layers
+import timm.layers.selective_kernel
 import timm.models.coat
 import timm.models.cspnet
 import timm.models.dpn
@@ -45,7 +46,7 @@ from .generic import frozen_block, opaque_attention
 from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
 from .spec import Fixup, FixupContext, SpecPart
 
-__all__ = ["PatchMergingPruner", "ScaledStdConvPruner", "is_timm_model"]
+__all__ = ["PatchMergingPruner", "ScaledStdConvPruner", "SelectiveKernelAttnPruner", "is_timm_model"]
 
 # Model attributes that cache the classifier's input width.
 _MODEL_SIZE_ATTRS = ("num_features", "head_hidden_size", "embed_dim", "feature_dim")
@@ -250,11 +251,77 @@ def _res2net(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
     return SpecPart(ignored_layers=[module.conv1], notes=["Res2Net: conv1 (split by a fixed width) kept"])
 
 
+class SelectiveKernelAttnPruner(tp.pruner.function.BasePruningFunc):
+    """timm's ``SelectiveKernelAttn``: per-channel path weights, ``fc_select`` rows ``p * C + c`` for path ``p``.
+
+    Its input (the stacked paths, ``(B, P, C, H, W)``) and output (the weights, same layout) both index the
+    kernel's ``C`` output channels: input channel ``c`` is ``fc_reduce``'s column ``c`` (after the sum over
+    paths), output channel ``c`` is ``fc_select``'s rows ``c, C + c, ...`` (one per path; the softmax runs over
+    paths, channel by channel). torch-pruning traces the paths themselves: ``torch.stack`` on a new dim and the
+    sum over it are element-wise on channels, so each path's conv and norm are coupled channel by channel.
+    """
+
+    TARGET_MODULES = timm.layers.selective_kernel.SelectiveKernelAttn
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Prune ``fc_reduce`` input columns."""
+        tp.prune_conv_in_channels(layer.fc_reduce, idxs)
+        return layer
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Prune ``fc_select`` rows of every path."""
+        c = self.get_out_channels(layer)
+        tp.prune_conv_out_channels(layer.fc_select, [p * c + i for p in range(layer.num_paths) for i in idxs])
+        return layer
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        """``C`` (``fc_reduce`` input)."""
+        return layer.fc_reduce.in_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        """``C`` (``fc_select`` rows per path)."""
+        return layer.fc_select.out_channels // layer.num_paths
+
+
+def _sk_attn_slices(layer: nn.Module, is_out: bool) -> list:
+    if not is_out:
+        return [(layer.fc_reduce.weight, along(1))]
+    paths = layer.num_paths
+    return [(layer.fc_select.weight, lambda t: t.reshape(paths, t.shape[0] // paths, -1).sum((0, 2)))]
+
+
+register_param_slices(SelectiveKernelAttnPruner, _sk_attn_slices)
+
+
+def _sync_selective_kernel(kernel: nn.Module) -> None:
+    convs = [path.conv for path in kernel.paths]
+    widths_in, widths_out = {c.in_channels for c in convs}, {c.out_channels for c in convs}
+    if len(widths_in) != 1 or len(widths_out) != 1:
+        raise ValueError(f"paths differ: inputs {sorted(widths_in)}, outputs {sorted(widths_out)}")
+    width_in, width_out = widths_in.pop(), widths_out.pop()
+    kernel.in_channels = width_in * kernel.num_paths if kernel.split_input else width_in
+    kernel.out_channels = width_out
+
+
 @register_module_adapter(timm.layers.SelectiveKernel)
-def _selective_kernel(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
-    part = frozen_block(module, "paths are stacked on a new dim that torch-pruning maps onto channels")
-    if getattr(module, "split_input", False):
-        part.pinned_inputs.append(module)  # torch.split by a width fixed at construction
+def _selective_kernel(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    paths = getattr(module, "paths", None)
+    if not isinstance(paths, nn.ModuleList) or not all(isinstance(getattr(p, "conv", None), nn.Conv2d) for p in paths):
+        return None
+    if module.split_input and any(p.conv.groups > 1 for p in paths):
+        # torch-pruning would override the per-path chunking with the conv groups: keep the input (no timm model)
+        part = frozen_block(module, "split input into grouped path convs")
+        part.pinned_inputs.append(module)
+        return part
+    part = SpecPart(
+        customized_pruners={type(module.attn): SelectiveKernelAttnPruner()},
+        fixups=[_split_fixup(name, "SelectiveKernel: in/out_channels from the pruned paths", _sync_selective_kernel)],
+        handled={id(m) for m in module.attn.modules()},
+    )
+    if module.split_input:
+        # torch.split(x, self.in_channels // num_paths): every path must keep the same input width, so the
+        # groups reaching the input prune the same positions in each path's chunk.
+        part.in_channel_groups.update({p.conv: module.num_paths for p in paths})
     return part
 
 

@@ -17,9 +17,23 @@ import torch.nn as nn
 import torch_pruning as tp
 import torchvision
 from orthoreg_tp.adapters import host_fixes, prepare
+from orthoreg_tp.adapters.timm import SelectiveKernelAttnPruner
 from torchvision.models import densenet, resnet
 
 _CONSUMER_FNS = {tp.prune_conv_in_channels, tp.prune_linear_in_channels}
+# Custom pruners whose input channels are read by one conv inside the pruned module: {pruner class: its name}.
+_CUSTOM_CONSUMERS = {SelectiveKernelAttnPruner: "fc_reduce"}
+
+
+def _consumer(dep: object) -> nn.Module | None:
+    """The conv/linear whose input columns ``dep`` removes, or ``None``."""
+    layer, handler = dep.target.module, dep.handler
+    owner = type(getattr(handler, "__self__", None))
+    if owner in _CUSTOM_CONSUMERS and getattr(handler, "__name__", "") == "prune_in_channels":
+        return layer.get_submodule(_CUSTOM_CONSUMERS[owner])
+    if handler in _CONSUMER_FNS and isinstance(layer, (nn.Conv2d, nn.Linear)):
+        return layer
+    return None
 
 
 def _small_resnext() -> nn.Module:
@@ -73,8 +87,8 @@ def _prune_recording(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[st
         )
         for group in pruner.step(interactive=True):
             for dep, idxs in group:
-                layer = dep.target.module
-                if dep.handler not in _CONSUMER_FNS or not isinstance(layer, (nn.Conv2d, nn.Linear)):
+                layer = _consumer(dep)
+                if layer is None:
                     continue
                 name = names[layer]
                 width = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features

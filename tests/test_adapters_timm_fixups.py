@@ -62,9 +62,12 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     # attention pinned up front (reshapes to its input width): only the MLPs shrink, with no repair needed
     "coat": _timm("coat_tiny", img_size=64, embed_dims=(32, 32, 32, 32), serial_depths=(1, 1, 1, 1), parallel_depth=1),
     "vit_relpos": _timm("test_vit_relpos", img_size=64),  # attention pinned up front: only the MLPs shrink
+    # selective kernels: split input (paths pruned in lockstep), and grouped paths reading the whole input
+    "skresnet": _timm("skresnet18", layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16),
+    "skresnext": _timm("skresnext50_32x4d", layers=(1, 1, 1, 1), cardinality=4, base_width=8, stem_width=16),
 }
 #: BatchNorm CNNs: pruning must equal zeroing the removed channels' consumers.
-PRESERVING = ("fasternet", "inception_next", "rexnet", "dpn-b", "dpn")
+PRESERVING = ("fasternet", "inception_next", "rexnet", "dpn-b", "dpn", "skresnet", "skresnext")
 
 
 @pytest.mark.parametrize("name", list(MODELS))
