@@ -381,6 +381,20 @@ def frozen_block(module: nn.Module, why: str) -> SpecPart:
     )
 
 
+def _claimed_inside(module: nn.Module, inner: list[nn.Module], claims: dict[int, list[nn.Module]]) -> bool:
+    """Whether an adapter accounted for a submodule of ``module`` from inside ``module`` or from around it.
+
+    A submodule shared with another block (CoaT's position encoding, one per stage) and claimed from that block
+    does not count: ``module`` is still undescribed.
+    """
+    inner_ids = {id(m) for m in inner}
+    for m in inner:
+        for root in claims.get(id(m), ()):
+            if id(root) in inner_ids or any(sub is module for sub in root.modules()):
+                return True
+    return False
+
+
 def describe_modules(
     model: nn.Module,
     ctx: AdapterContext,
@@ -401,6 +415,7 @@ def describe_modules(
     """
     parts: list[SpecPart] = []
     handled: set[int] = set()
+    claims: dict[int, list[nn.Module]] = {}  # id of a handled module -> the modules whose adapter claimed it
     generic = SpecPart()
     modules = list(model.named_modules())
     for name, module in modules:  # pass 1: registered adapters, outermost first
@@ -411,6 +426,8 @@ def describe_modules(
             if part is not None:
                 parts.append(part)
                 handled |= part.handled | {id(module)}
+                for i in part.handled | {id(module)}:
+                    claims.setdefault(i, []).append(module)
                 if on_adapter is not None:
                     on_adapter(module, name)
                 break
@@ -428,7 +445,7 @@ def describe_modules(
             continue
         if looks_like_attention(module):
             inner = [m for m in module.modules() if m is not module]
-            if any(id(m) in handled or looks_like_attention(m) for m in inner):
+            if any(looks_like_attention(m) for m in inner) or _claimed_inside(module, inner, claims):
                 continue  # the attention proper is a submodule
             frozen = reads_input_width(type(module))
             what = "heads and the stream it reads kept (reshapes with its input width)" if frozen else "heads kept"
@@ -441,6 +458,8 @@ def describe_modules(
                     part = opaque_attention(module, "no adapter")
                 parts.append(part)
                 handled |= part.handled
+                for i in part.handled:
+                    claims.setdefault(i, []).append(module)
             continue
         if own:
             fix = _sync_sizes_fixup(name, module)

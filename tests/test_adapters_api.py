@@ -291,6 +291,28 @@ def test_generic_adapter_reports_unknown_attention() -> None:
     assert report.frozen == ()
 
 
+class _SharedPosAttention(_OddAttention):
+    """An attention holding a position encoding shared with the other blocks (CoaT's per-stage encoding)."""
+
+    def __init__(self, pos: nn.Module) -> None:
+        super().__init__()
+        self.pos = pos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + self.pos(x))
+
+
+def test_generic_adapter_detects_every_block_sharing_a_submodule() -> None:
+    pos = nn.Linear(16, 16)
+    model = nn.Sequential(nn.Linear(8, 16), *(_SharedPosAttention(pos) for _ in range(3)), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 5, 8)
+    spec = prepare(model, x)
+    assert sorted(u.split(" ")[0] for u in spec.unhandled) == ["1", "2", "3"]
+    assert all(any(m is model[i].qkv for m in spec.ignored_layers) for i in (1, 2, 3))
+    report = prune(model, x, importance=_imp(), ratio=0.5)
+    assert report.frozen == () and all(model[i].qkv.out_features == 48 for i in (1, 2, 3))
+
+
 # ------------------------------------------------------------------------------------------------ host fixes
 def test_host_fixes_patch_existing_names_and_restore_them() -> None:
     before = [owner.__dict__[name] for owner, name in hostfix_module.PATCHED]
