@@ -317,6 +317,33 @@ def _sync_sizes_fixup(name: str, module: nn.Module) -> Fixup | None:
     return Fixup(name, f"sync {', '.join(attrs)} with parameter size", fn)
 
 
+def _sync_from_input_fixup(name: str, module: nn.Module) -> Fixup | None:
+    """Re-sync ``normalized_shape`` of a parameter-free custom norm (timm ``RmsNorm(affine=False)``, ...).
+
+    torch-pruning passes channels through such a module without seeing it, and it has no parameter to read the
+    new width from, so the fix-up installs a one-shot forward pre-hook: on the next call (``prune``'s
+    verification, or your first forward) it sets ``normalized_shape`` to the input's trailing dims, then removes
+    itself.
+    """
+    shape = getattr(module, "normalized_shape", None)
+    if not isinstance(shape, (tuple, list, torch.Size)) or not shape or not all(isinstance(v, int) for v in shape):
+        return None
+
+    def fn(mod: nn.Module, _ctx: FixupContext) -> None:
+        handle = None
+
+        def sync(m: nn.Module, args: tuple) -> None:
+            handle.remove()
+            if args and isinstance(args[0], torch.Tensor):
+                old = m.normalized_shape
+                new = tuple(args[0].shape[-len(old):])
+                m.normalized_shape = type(old)(new) if isinstance(old, (tuple, list)) else new
+
+        handle = mod.register_forward_pre_hook(sync)
+
+    return Fixup(name, "sync normalized_shape with its input on the next forward", fn)
+
+
 _SHAPE_UNPACK = re.compile(r"((?:\w+\s*,\s*)+\w+)\s*=\s*[\w.]+\.(?:shape|size\(\))")
 
 
@@ -461,10 +488,9 @@ def describe_modules(
                 for i in part.handled:
                     claims.setdefault(i, []).append(module)
             continue
-        if own:
-            fix = _sync_sizes_fixup(name, module)
-            if fix is not None:
-                generic.fixups.append(fix)
+        fix = _sync_sizes_fixup(name, module) if own else _sync_from_input_fixup(name, module)
+        if fix is not None:
+            generic.fixups.append(fix)
     parts.append(generic)
     return parts
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from numbers import Number
 from typing import Any
 
@@ -452,14 +452,26 @@ def _concat_input_width(graph: Any, in_node: Any, consumer: Any) -> int | None:
                 width = _split_chunk_size(graph, src, in_node)
             if width is not None:
                 return width  # an element-wise op keeps the width of each operand
-    return shape_infer.infer_channels_between(graph, in_node, consumer)
+    return _inferred(shape_infer.infer_channels_between, graph, in_node, consumer)
+
+
+def _inferred(infer: Callable[..., int | None], *args: Any) -> int | None:
+    """torch-pruning's channel inference, or ``None`` where it fails.
+
+    It indexes a split's sizes by the position of the consumer among the split's outputs, which overruns when one
+    chunk has several consumers (Gemma-4 ViT).
+    """
+    try:
+        return infer(*args)
+    except (IndexError, TypeError):
+        return None
 
 
 def _layers_read(graph: Any, node: Any, width: int) -> bool:
     """Whether some consumer of ``node`` has ``width`` input channels and every other one (slices aside) too."""
     skip = (ops.OPTYPE.SLICE, ops.OPTYPE.SPLIT)
     readers = [out for out in node.outputs if out.type not in skip]
-    widths = [shape_infer.infer_in_channels_recursively(graph, out, [0]) for out in readers]
+    widths = [_inferred(shape_infer.infer_in_channels_recursively, graph, out, [0]) for out in readers]
     known = [w for w in widths if w is not None]
     return bool(known) and all(w == width for w in known)
 

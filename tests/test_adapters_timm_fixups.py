@@ -46,6 +46,13 @@ def _poolformerv2() -> nn.Module:
     )
 
 
+def _gemma4_vit() -> nn.Module:
+    from timm.models.gemma4_vit import Gemma4VitClassifier
+
+    return Gemma4VitClassifier(img_size=64, embed_dim=64, depth=2, num_heads=2, head_dim=32, intermediate_size=128,
+                               position_embedding_size=64, num_classes=10)
+
+
 # dpn48b's layout with one or two blocks per stage and a quarter of the width.
 _DPN = {"k_sec": (1, 2, 1, 1), "k_r": 64, "groups": 8, "inc_sec": (8, 16, 16, 32), "num_init_features": 8}
 
@@ -65,6 +72,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     # selective kernels: split input (paths pruned in lockstep), and grouped paths reading the whole input
     "skresnet": _timm("skresnet18", layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16),
     "skresnext": _timm("skresnext50_32x4d", layers=(1, 1, 1, 1), cardinality=4, base_width=8, stem_width=16),
+    # a chunk of a split read by several ops (host inference overran the sizes); a parameter-free final RmsNorm
+    "gemma4_vit": _gemma4_vit,
 }
 #: BatchNorm CNNs: pruning must equal zeroing the removed channels' consumers.
 PRESERVING = ("fasternet", "inception_next", "rexnet", "dpn-b", "dpn", "skresnet", "skresnext")
