@@ -399,12 +399,17 @@ def opaque_attention(module: nn.Module, why: str) -> SpecPart:
     )
 
 
-def frozen_block(module: nn.Module, why: str) -> SpecPart:
-    """Freeze every conv/linear output inside ``module`` (its inputs may still shrink)."""
+def frozen_block(module: nn.Module, why: str, *, keep_input: bool = False) -> SpecPart:
+    """Freeze every conv/linear output inside ``module``; its input may still shrink unless ``keep_input``.
+
+    ``keep_input`` also pins the stream ``module`` reads, for blocks whose forward ties their width to it
+    (a reshape back to the input width, a split by a width fixed at construction).
+    """
     return SpecPart(
         ignored_layers=[m for m in module.modules() if isinstance(m, LAYER_TYPES)],
         handled={id(m) for m in module.modules()},
         notes=[f"{type(module).__name__}: frozen ({why})"],
+        pinned_inputs=[module] if keep_input else [],
     )
 
 
@@ -479,8 +484,7 @@ def describe_modules(
             generic.unhandled.append(f"{name} ({type(module).__name__}): attention-like module without adapter; {what}")
             if freeze_unhandled:
                 if frozen:
-                    part = frozen_block(module, "no adapter; reshapes with its input width")
-                    part.pinned_inputs.append(module)
+                    part = frozen_block(module, "no adapter; reshapes with its input width", keep_input=True)
                 else:
                     part = opaque_attention(module, "no adapter")
                 parts.append(part)

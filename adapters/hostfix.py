@@ -329,10 +329,7 @@ def _strict_slice(update: Any) -> Any:
         if node.enable_index_mapping and module._orthoreg_channel_slice and module.step == 1 and module.start >= 0:
             _install_slice_mappings(node)
             return None
-        try:
-            return update(graph, node)
-        except (ArithmeticError, IndexError, TypeError, ValueError):
-            return None
+        return update(graph, node)  # guarded by the caller (_guard_updater)
 
     return wrapper
 
@@ -520,10 +517,7 @@ def _sized_concat(update: Any) -> Any:
         ):
             _install_concat_mappings(node, list(sizes))
             return None
-        try:
-            return update(graph, node)
-        except (ArithmeticError, IndexError, TypeError, ValueError):
-            return None
+        return update(graph, node)  # guarded by the caller (_guard_updater)
 
     return wrapper
 
@@ -627,9 +621,9 @@ def host_fixes() -> Iterator[None]:
         cls.prune_in_channels = guarded
     for name in _UPDATERS:
         setattr(index_mapping, name, _guard_updater(getattr(index_mapping, name)))
-    index_mapping.update_slice_index_mapping = _strict_slice(index_mapping.update_slice_index_mapping)
+    index_mapping.update_slice_index_mapping = _strict_slice(_guard_updater(index_mapping.update_slice_index_mapping))
     index_mapping.update_split_index_mapping = _guard_updater(chunked_split_index_mapping)
-    index_mapping.update_concat_index_mapping = _sized_concat(index_mapping.update_concat_index_mapping)
+    index_mapping.update_concat_index_mapping = _sized_concat(_guard_updater(index_mapping.update_concat_index_mapping))
     index_mapping.update_unbind_index_mapping = _ordered_outputs(index_mapping.update_unbind_index_mapping)
     for cls in _MAPPINGS:
         cls.__call__ = _guard_mapping(cls.__dict__["__call__"])

@@ -310,9 +310,7 @@ def _selective_kernel(module: nn.Module, name: str, ctx: AdapterContext) -> Spec
         return None
     if module.split_input and any(p.conv.groups > 1 for p in paths):
         # torch-pruning would override the per-path chunking with the conv groups: keep the input (no timm model)
-        part = frozen_block(module, "split input into grouped path convs")
-        part.pinned_inputs.append(module)
-        return part
+        return frozen_block(module, "split input into grouped path convs", keep_input=True)
     part = SpecPart(
         customized_pruners={type(module.attn): SelectiveKernelAttnPruner()},
         fixups=[_split_fixup(name, "SelectiveKernel: in/out_channels from the pruned paths", _sync_selective_kernel)],
@@ -329,9 +327,7 @@ def _selective_kernel(module: nn.Module, name: str, ctx: AdapterContext) -> Spec
 def _spatial_gating(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
     # proj mixes tokens (it runs on x.transpose(-1, -2)) and the halves of the input gate each other:
     # keep the unit and the channels it reads.
-    part = frozen_block(module, "token-mixing projection between the two halves of its input")
-    part.pinned_inputs.append(module)
-    return part
+    return frozen_block(module, "token-mixing projection between the two halves of its input", keep_input=True)
 
 
 @register_module_adapter(timm.models.focalnet.FocalModulation)
@@ -435,9 +431,7 @@ def _single_head_attention(module: nn.Module, name: str, ctx: AdapterContext) ->
     # forward splits its input by self.pdim and reshapes the attention values with the same self.pdim, so the
     # partial input width must equal the value width, and q/k meet in a matmul torch-pruning does not couple.
     # One attribute for two independently pruned widths: keep the block and the stream it reads.
-    part = frozen_block(module, "input split and value reshape share pdim")
-    part.pinned_inputs.append(module)
-    return part
+    return frozen_block(module, "input split and value reshape share pdim", keep_input=True)
 
 
 @register_module_adapter(timm.models.metaformer.Scale)
@@ -515,9 +509,7 @@ def _factor_attention(module: nn.Module, name: str, ctx: AdapterContext) -> Spec
     # holds is shared by every block of a stage, its depthwise convs split by head_chs fixed at construction:
     # keep the block, its shared encoding and the stream it reads. Registered here so that every block is
     # pinned up front (the generic detection skips blocks whose shared encoding an earlier block claimed).
-    part = frozen_block(module, "reshapes to its input width; shared ConvRelPosEnc split by head_chs")
-    part.pinned_inputs.append(module)
-    return part
+    return frozen_block(module, "reshapes to its input width; shared ConvRelPosEnc split by head_chs", keep_input=True)
 
 
 @register_module_adapter(timm.models.vision_transformer_relpos.RelPosAttention)
@@ -525,6 +517,4 @@ def _relpos_attention(module: nn.Module, name: str, ctx: AdapterContext) -> Spec
     # forward reshapes qkv with self.num_heads/self.head_dim but the output back to the input width
     # (reshape(B, N, C)), and the relative-position MLP emits one bias per head: the attention width must stay
     # the stream width, a coupling torch-pruning does not see. Keep the block and the stream it reads.
-    part = frozen_block(module, "reshapes to its input width; per-head relative-position bias")
-    part.pinned_inputs.append(module)
-    return part
+    return frozen_block(module, "reshapes to its input width; per-head relative-position bias", keep_input=True)
