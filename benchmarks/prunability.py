@@ -299,8 +299,9 @@ def _passes(rec: dict[str, Any], limit_s: float) -> bool:
 
 
 def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s: float) -> str:
-    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
-             f"Versions: {meta['versions']}  ", ""]
+    lines = [f"Command: `{meta['command']}`  "]
+    lines += [f"Re-run since, merged in: `{cmd}`  " for cmd in meta.get("reruns", [])]
+    lines += [f"Machine: {meta['machine']}  ", f"Versions: {meta['versions']}  ", ""]
     for lib in ("timm", "torchvision"):
         rows = [r for r in records if r["lib"] == lib]
         if not rows:
@@ -358,8 +359,10 @@ def main(args: argparse.Namespace) -> None:
     if args.only:
         jobs = [j for j in jobs if any(s in j[1] or s in j[2] for s in args.only)]
     old: list[dict[str, Any]] = []
+    old_meta: dict[str, Any] = {}
     if JSON_PATH.exists() and not args.fresh:
-        old = json.loads(JSON_PATH.read_text())["records"]
+        saved = json.loads(JSON_PATH.read_text())
+        old, old_meta = saved["records"], saved.get("meta", {})
     keep = [r for r in old if (r["lib"], r["model"]) not in {(j[0], j[2]) for j in jobs}]
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration):
@@ -373,6 +376,9 @@ def main(args: argparse.Namespace) -> None:
                     f"torch-pruning {version('torch-pruning')}",
         "ratio": args.ratio, "importance": args.importance, "limit_s": args.limit_s, "mem_gb": args.mem_gb,
     }
+    if old and old_meta.get("command"):  # a partial re-run merged into an earlier sweep: say so
+        meta["reruns"] = [*old_meta.get("reruns", []), meta["command"]]
+        meta["command"] = old_meta["command"]
     records = list(keep)
     for i, (lib, fam, name) in enumerate(jobs):
         rec = _run_child(args, lib, fam, name)
