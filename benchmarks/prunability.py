@@ -13,6 +13,7 @@ peak RSS, params/MACs before and after, automatically frozen blocks and the adap
 Usage:
     python benchmarks/prunability.py --suite timm torchvision
     python benchmarks/prunability.py --suite timm --only vit resnet   # re-run some, merged into the JSON
+    python benchmarks/prunability.py --suite timm --importance magnitude --name prunability_magnitude --fresh
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-JSON_PATH = RESULTS / "prunability.json"
-MD_PATH = RESULTS / "prunability.md"
 FAMILIES_PATH = RESULTS / "prunability.families.json"
 SIZES = (64, 96, 128, 160, 192, 224, 256)
 
@@ -73,6 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--threads", type=int, default=2)
     group.add_argument("--fresh", action="store_true", help="drop earlier results instead of merging")
     group.add_argument("--update-readme", action="store_true", help="copy the markdown table into README.md")
+    group.add_argument("--name", default="prunability", help="results file stem under benchmarks/results/")
     worker = parser.add_argument_group("worker (internal)")
     worker.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--lib", default=None, help=argparse.SUPPRESS)
@@ -360,8 +360,9 @@ def main(args: argparse.Namespace) -> None:
         jobs = [j for j in jobs if any(s in j[1] or s in j[2] for s in args.only)]
     old: list[dict[str, Any]] = []
     old_meta: dict[str, Any] = {}
-    if JSON_PATH.exists() and not args.fresh:
-        saved = json.loads(JSON_PATH.read_text())
+    json_path, md_path = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.md"
+    if json_path.exists() and not args.fresh:
+        saved = json.loads(json_path.read_text())
         old, old_meta = saved["records"], saved.get("meta", {})
     keep = [r for r in old if (r["lib"], r["model"]) not in {(j[0], j[2]) for j in jobs}]
     cpu = platform.processor()
@@ -387,10 +388,10 @@ def main(args: argparse.Namespace) -> None:
         print(f"[{i + 1}/{len(jobs)}] {lib} {fam} {name}: {rec['status']} "
               f"{rec.get('total_s', '')} s {rec.get('error', '')[:200]}", flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        JSON_PATH.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
-        MD_PATH.write_text(write_markdown(records, meta, args.limit_s))
+        json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+        md_path.write_text(write_markdown(records, meta, args.limit_s))
     if args.update_readme:
-        update_readme(MD_PATH.read_text())
+        update_readme(md_path.read_text())
 
 
 README_PATH = Path(__file__).resolve().parents[1] / "README.md"
