@@ -146,12 +146,14 @@ def prepare(model: nn.Module, example_inputs: Any, *, freeze_unhandled: bool = T
 
     Example:
         >>> import timm, torch, torch_pruning as tp
-        >>> from orthoreg_tp.adapters import prepare
+        >>> from orthoreg_tp.adapters import host_fixes, prepare
         >>> model, x = timm.create_model("test_vit", pretrained=False), torch.randn(1, 3, 160, 160)
         >>> spec = prepare(model, x)
-        >>> pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(),
-        ...                               pruning_ratio=0.5, **spec.pruner_kwargs())
-        >>> pruner.step(); spec.finalize(model, pruner)
+        >>> with host_fixes():  # torch-pruning work-arounds for the graph build and the step
+        ...     pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(),
+        ...                                   pruning_ratio=0.5, **spec.pruner_kwargs())
+        ...     pruner.step()
+        >>> spec.finalize(model, pruner)
     """
     with _ModeGuard(model):
         unpack, trace = _reference_forward(model, example_inputs)

@@ -590,6 +590,9 @@ def _guard_mapping(call: Any) -> Any:
     return wrapper
 
 
+_ACTIVE = [0]  # nesting depth of host_fixes()
+
+
 @contextlib.contextmanager
 def host_fixes() -> Iterator[None]:
     """Apply the torch-pruning work-arounds for the duration of a ``with`` block (not thread-safe).
@@ -607,7 +610,16 @@ def host_fixes() -> Iterator[None]:
         ...                                   pruning_ratio=0.5, **spec.pruner_kwargs())
         ...     pruner.step()
         >>> spec.finalize(model, pruner)
+
+    Nested blocks are fine: only the outermost one patches and restores.
     """
+    if _ACTIVE[0]:
+        _ACTIVE[0] += 1
+        try:
+            yield
+        finally:
+            _ACTIVE[0] -= 1
+        return
     saved = [(owner, name, owner.__dict__[name]) for owner, name in PATCHED]
     index_mapping.update_reshape_index_mapping = _guard_updater(strict_reshape_index_mapping)
     DependencyGraph.get_pruning_group = convergent_get_pruning_group
@@ -627,8 +639,10 @@ def host_fixes() -> Iterator[None]:
     index_mapping.update_unbind_index_mapping = _ordered_outputs(index_mapping.update_unbind_index_mapping)
     for cls in _MAPPINGS:
         cls.__call__ = _guard_mapping(cls.__dict__["__call__"])
+    _ACTIVE[0] = 1
     try:
         yield
     finally:
+        _ACTIVE[0] = 0
         for owner, name, fn in saved:
             setattr(owner, name, fn)

@@ -321,3 +321,17 @@ def test_host_fixes_patch_existing_names_and_restore_them() -> None:
     after = [owner.__dict__[name] for owner, name in hostfix_module.PATCHED]
     assert all(a is not b for a, b in zip(before, during)), "a torch-pruning internal we patch has moved"
     assert all(a is b for a, b in zip(before, after))
+
+
+def test_host_fixes_nest_and_restore_torch_pruning():
+    from orthoreg_tp.adapters import host_fixes
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_concat_index_mapping
+    with host_fixes():
+        patched = index_mapping.update_concat_index_mapping
+        assert patched is not original
+        with host_fixes():  # nested: no second layer of patches, nothing restored early
+            assert index_mapping.update_concat_index_mapping is patched
+        assert index_mapping.update_concat_index_mapping is patched
+    assert index_mapping.update_concat_index_mapping is original

@@ -220,3 +220,21 @@ def test_pruning_mask_is_a_dry_run():
     assert sum(int(m.numel()) for m in mask.values()) == 16 + 32 + 64
     assert sum(int((~m).sum()) for m in mask.values()) == 56
     assert mask_distance(mask, pruning_mask(model, X, imp, ratio=0.5)) == 0.0
+
+
+def test_prune_step_with_adapters_runs_under_host_fixes():
+    # FasterNet's partial conv needs orthoreg_tp.adapters' host fixes in the graph build, step and replay.
+    import timm
+
+    def fasternet():
+        torch.manual_seed(0)
+        return timm.create_model("fasternet_t0", pretrained=False, num_classes=10, embed_dim=16,
+                                 depths=(1, 1, 1, 1), feature_dim=64).eval()
+
+    model, x = fasternet(), torch.randn(1, 3, 32, 32)
+    imp = build_importance(get_method("l1"), layer_widths(model))
+    step = prune_step_(model, x, imp, ratio=0.4, adapters=True)
+    assert 0.35 < step.achieved < 0.45 and model(x).shape == (1, 10)
+    replayed = replay_pruning_(fasternet(), x, step.history, adapters=True)
+    assert layer_widths(replayed) == layer_widths(model)
+    assert torch.allclose(replayed(x), model(x), atol=1e-5)
