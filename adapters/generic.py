@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,20 @@ def flatten_tensors(obj: Any) -> list[torch.Tensor]:
     return out
 
 
+def _walk_graph(outputs: Iterable[torch.Tensor], descend: Callable[[Any], bool]) -> Iterator[Any]:
+    """Each autograd node behind ``outputs`` once (depth first); ``descend(fn)`` says whether to go past it."""
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        yield fn
+        if descend(fn):
+            stack.extend(nxt for nxt, _ in getattr(fn, "next_functions", ()) if nxt is not None)
+
+
 def find_output_layers(model: nn.Module, outputs: Iterable[torch.Tensor], grad_fn_to_layer: dict) -> list:
     """Layers whose outputs reach a model output without passing through another layer.
 
@@ -118,39 +132,17 @@ def find_output_layers(model: nn.Module, outputs: Iterable[torch.Tensor], grad_f
         The layers (modules or parameters) in discovery order.
     """
     found: list[Any] = []
-    seen: set[Any] = set()
-    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
-    while stack:
-        fn = stack.pop()
-        if fn in seen:
-            continue
-        seen.add(fn)
+    for fn in _walk_graph(outputs, lambda f: f not in grad_fn_to_layer and type(f).__name__ != "AccumulateGrad"):
         layer = grad_fn_to_layer.get(fn)
-        if layer is not None:
-            if all(layer is not f for f in found):
-                found.append(layer)
-            continue
-        for nxt, _ in getattr(fn, "next_functions", ()):
-            if nxt is not None and type(nxt).__name__ != "AccumulateGrad":
-                stack.append(nxt)
+        if layer is not None and all(layer is not f for f in found):
+            found.append(layer)
     return found
 
 
 def _used_parameters(outputs: Iterable[torch.Tensor]) -> set[int]:
     """Ids of the leaf tensors (parameters) the outputs' autograd graph reads."""
-    used: set[int] = set()
-    seen: set[Any] = set()
-    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
-    while stack:
-        fn = stack.pop()
-        if fn in seen:
-            continue
-        seen.add(fn)
-        variable = getattr(fn, "variable", None)
-        if variable is not None:
-            used.add(id(variable))
-        stack.extend(nxt for nxt, _ in getattr(fn, "next_functions", ()) if nxt is not None)
-    return used
+    variables = (getattr(fn, "variable", None) for fn in _walk_graph(outputs, lambda f: True))
+    return {id(v) for v in variables if v is not None}
 
 
 @dataclass(frozen=True)

@@ -127,12 +127,15 @@ def strict_reshape_index_mapping(graph: Any, node: Any) -> None:
     if _consumer_channels(graph, node) != channels * spatial:
         return
     for in_node in node.inputs:
-        for dep in node.dependencies:
-            if dep.target == in_node:
-                dep.index_mapping[0] = index_mapping._FlattenIndexMapping(stride=spatial, reverse=True)
-        for dep in in_node.dependencies:
-            if dep.target == node:
-                dep.index_mapping[0] = index_mapping._FlattenIndexMapping(stride=spatial, reverse=False)
+        _map_edge(in_node, node, lambda reverse: index_mapping._FlattenIndexMapping(stride=spatial, reverse=reverse))
+
+
+def _map_edge(src: Any, dst: Any, mapping: Callable[[bool], Any]) -> None:
+    """Install ``mapping(False)`` on ``src -> dst`` dependencies and ``mapping(True)`` on ``dst -> src`` ones."""
+    for a, b, reverse in ((src, dst, False), (dst, src, True)):
+        for dep in a.dependencies:
+            if dep.target == b:
+                dep.index_mapping[0] = mapping(reverse)
 
 
 #: Most (layer, index) entries one group walk may collect before :class:`GroupExplosion` is raised.
@@ -310,12 +313,7 @@ def _install_slice_mappings(node: Any) -> None:
     module = node.module
     args = {"dim": module.dim, "start": module.start, "step": module.step, "end": module.end}
     for out_node in node.outputs:
-        for dep in node.dependencies:
-            if dep.target == out_node:
-                dep.index_mapping[0] = index_mapping._SliceIndexMapping(**args, reverse=False)
-        for dep in out_node.dependencies:
-            if dep.target == node:
-                dep.index_mapping[0] = index_mapping._SliceIndexMapping(**args, reverse=True)
+        _map_edge(node, out_node, lambda reverse: index_mapping._SliceIndexMapping(**args, reverse=reverse))
 
 
 def _strict_slice(update: Any) -> Any:
@@ -346,12 +344,7 @@ def _set_chunk_mappings(node: Any, chunks: dict[Any, list[int] | None]) -> None:
     """Install split-style mappings between ``node`` and each consumer (``None`` offsets block the edge)."""
     for out_node, offset in chunks.items():
         offset = offset if offset is not None else [0]  # a one-element offset maps to nothing (guarded)
-        for dep in node.dependencies:
-            if dep.target == out_node:
-                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offset, reverse=False)
-        for dep in out_node.dependencies:
-            if dep.target == node:
-                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offset, reverse=True)
+        _map_edge(node, out_node, lambda reverse, o=offset: index_mapping._SplitIndexMapping(offset=o, reverse=reverse))
 
 
 def _channel_split_sizes(node: Any, graph: Any = None) -> list[int] | None:
