@@ -232,6 +232,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         model, x = _timm_model(args.model) if args.lib == "timm" else _torchvision_model(args.model)
         record["input"] = list(x.shape) if isinstance(x, torch.Tensor) else "list"
         record["create_s"] = round(time.perf_counter() - start_wall, 2)
+        record["params_before"] = sum(p.numel() for p in model.parameters())
         t0, c0 = time.perf_counter(), _cpu_s()
         record["importance"] = args.importance
         imp = None
@@ -241,7 +242,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             if isinstance(loss, torch.Tensor) and loss.requires_grad:
                 imp = OrthoRegImportance()
                 loss.backward()
-                imp.accumulate_grad(model, num_samples=1)
+                imp.accumulate_grad(model, num_samples=1, consume=True)  # no second copy of the gradients
             else:  # e.g. a detector that returned no boxes: nothing to differentiate
                 record["importance"] = "magnitude (no differentiable output)"
             model.zero_grad(set_to_none=True)

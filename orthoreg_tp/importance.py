@@ -160,12 +160,15 @@ class AccumulatingImportance(tp.importance.Importance):
         logger.debug("%s accumulated over %d samples", type(self).__name__, seen)
         return seen
 
-    def accumulate_grad(self, model: nn.Module, num_samples: int = 1) -> None:
+    def accumulate_grad(self, model: nn.Module, num_samples: int = 1, *, consume: bool = False) -> None:
         """Accumulate the gradients currently in ``.grad`` (call after your own ``loss.backward()``).
 
         Args:
             model: The model whose ``.grad`` holds the gradient of a *mean* loss over a batch.
             num_samples: The batch size behind that mean (its weight in the dataset average).
+            consume: Take the ``.grad`` tensors over and set ``.grad`` to ``None``: a parameter's first gradient
+                becomes its running sum without a copy (for a dedicated importance pass; by default ``.grad``
+                is read and left unchanged).
 
         Example:
             >>> loss.backward(); imp.accumulate_grad(model, num_samples=x.shape[0])  # doctest: +SKIP
@@ -179,7 +182,9 @@ class AccumulatingImportance(tp.importance.Importance):
         found = False
         for name, p in trainable_params(model):
             if p.grad is not None:
-                self._add(name, p, p.grad, num_samples)
+                self._add(name, p, p.grad, num_samples, owned=consume)
+                if consume:
+                    p.grad = None
                 found = True
         if not found:
             raise RuntimeError("accumulate_grad found no .grad on the model; call loss.backward() first")

@@ -315,3 +315,8 @@ def test_float32_accumulation_owns_batch_tensors_but_never_user_gradients():
     imp.accumulate_grad(model, num_samples=10)
     for n, q in model.named_parameters():
         assert torch.equal(q.grad, grads[n])  # the user's .grad is read, never modified
+    consumed = OrthoRegImportance(min_keep_ratio=None)
+    consumed.accumulate_grad(model, num_samples=10, consume=True)  # takes the .grad tensors over
+    for n, q in model.named_parameters():
+        assert q.grad is None
+        torch.testing.assert_close(consumed.stats.mean(q), grads[n])
