@@ -299,6 +299,11 @@ def _passes(rec: dict[str, Any], limit_s: float) -> bool:
     return rec.get("status") == "ok" and rec.get("total_s", 1e9) <= limit_s
 
 
+def _failure(rec: dict[str, Any]) -> str:
+    size = f", {rec['params_before'] / 1e6:.1f}M params" if rec.get("params_before") else ""
+    return f"`{rec['model']}` ({rec['status']}{size})"
+
+
 def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s: float) -> str:
     lines = [f"Command: `{meta['command']}`  "]
     lines += [f"Re-run since, merged in: `{cmd}`  " for cmd in meta.get("reruns", [])]
@@ -314,7 +319,7 @@ def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s:
         lines.append(f"**{lib}**: {ok}/{len(rows)} {unit} pruned and verified ({ok / len(rows):.0%}), "
                      f"{clean} of them without any block frozen by the repair loop; {fast}/{len(rows)} within "
                      f"{limit_s:.0f} s (accumulate + prune).  ")
-        failed = [f"`{r['model']}` ({r['status']})" for r in rows if r.get("status") != "ok"]
+        failed = [_failure(r) for r in rows if r.get("status") != "ok"]
         repaired = [f"`{r['model']}` ({len(r['frozen'])})" for r in rows if r.get("status") == "ok" and r.get("frozen")]
         slow = [f"`{r['model']}` ({r.get('total_s')} s)" for r in rows
                 if r.get("status") == "ok" and r.get("total_s", 0) > limit_s]
@@ -328,8 +333,8 @@ def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s:
     for r in sorted(records, key=lambda r: (r["lib"], r.get("family") or "", r["model"])):
         note = "; ".join(r.get("frozen", []))[:160] or (r.get("error") or "")[:160]
         note = note.replace("|", "/").replace("\n", " ")
-        kept = (f"{r['params_after'] / r['params_before']:.0%}" if r.get("params_before") else "")
-        macs = (f"{r['macs_after'] / r['macs_before']:.0%}" if r.get("macs_before") else "")
+        kept = f"{r['params_after'] / r['params_before']:.0%}" if r.get("params_after") is not None else ""
+        macs = f"{r['macs_after'] / r['macs_before']:.0%}" if r.get("macs_after") is not None else ""
         shape = "x".join(map(str, r["input"][2:])) if isinstance(r.get("input"), list) else r.get("input", "")
         lines.append(f"| {r['lib']} | {r.get('family') or ''} | {r['model']} | {shape} | {r['status']} | {kept} "
                      f"| {macs} | {r.get('total_s', '')} | {r.get('total_cpu_s', '')} | {r.get('peak_rss_gb', '')} "
