@@ -64,6 +64,11 @@ def _describe_inputs(example_inputs: Any) -> str:
     return f"of type {type(example_inputs).__name__}"
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (Python, CUDA, or the CPU allocator's ``RuntimeError``)."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
+
+
 def _reference_forward(model: nn.Module, example_inputs: Any) -> tuple[bool | None, Trace]:
     """Trace the unpruned model once; pick the calling convention; raise ValueError when inputs do not fit."""
     styles: tuple[bool | None, ...] = (True, False) if isinstance(example_inputs, (tuple, list)) else (None,)
@@ -72,6 +77,8 @@ def _reference_forward(model: nn.Module, example_inputs: Any) -> tuple[bool | No
         try:
             return unpack, trace_outputs(model, example_inputs, unpack=unpack)
         except Exception as err:
+            if _out_of_memory(err):
+                raise  # not a problem with the inputs
             error = error or err
     raise ValueError(
         f"example_inputs {_describe_inputs(example_inputs)} do not run through {type(model).__name__}: "

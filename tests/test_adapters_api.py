@@ -335,3 +335,12 @@ def test_host_fixes_nest_and_restore_torch_pruning():
             assert index_mapping.update_concat_index_mapping is patched
         assert index_mapping.update_concat_index_mapping is patched
     assert index_mapping.update_concat_index_mapping is original
+
+
+def test_out_of_memory_in_the_reference_forward_is_not_called_bad_inputs():
+    class Hungry(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        prepare(Hungry(), torch.randn(1, 3, 8, 8))
