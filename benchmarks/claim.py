@@ -29,13 +29,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from orthoreg_tp import OrthoRegularizer, layer_widths
-from orthoreg_tp.data import build_datasets
 from orthoreg_tp.diagnostics import additivity, correlation_report
-from orthoreg_tp.methods import build_importance, feed_importance_, get_method
-from orthoreg_tp.models import build_model
-from orthoreg_tp.pruning import count_macs_params, prune_step_
+from orthoreg_tp.engine.data import build_datasets
+from orthoreg_tp.engine.methods import build_importance, feed_importance_, get_method
+from orthoreg_tp.engine.models import build_model
+from orthoreg_tp.engine.pruning import count_macs_params, prune_step_
+from orthoreg_tp.engine.training import LRSchedule, build_optimizer, evaluate, set_lr, train_one_epoch
 from orthoreg_tp.regularizer import find_classifier
-from orthoreg_tp.training import LRSchedule, build_optimizer, evaluate, set_lr, train_one_epoch
 
 logger = logging.getLogger("claim")
 METRICS = ("spearman", "relative_error", "additive_spearman", "additive_relative_error", "additive_ratio")
@@ -44,7 +44,7 @@ METRICS = ("spearman", "relative_error", "additive_spearman", "additive_relative
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="digits", help="any orthoreg_tp.data dataset (default: digits, offline)")
+    g.add_argument("--dataset", default="digits", help="any orthoreg_tp.engine.data dataset (default: digits, offline)")
     g.add_argument("--data-path", default=None)
     g.add_argument("--image-size", type=int, default=16)
     g.add_argument("--in-chans", type=int, default=1, help="digits only: 1 (grayscale) or 3")

@@ -32,8 +32,8 @@ from _common import interleaved_times, machine_line, markdown_table, median, res
 from torch import Tensor, nn
 
 from orthoreg_tp import OrthoRegImportance, OrthoRegularizer
+from orthoreg_tp.engine.models import build_model
 from orthoreg_tp.functional import filter_matrix, filter_matrix_grad_to_params, ortho_penalty_grad
-from orthoreg_tp.models import build_model
 
 MODELS = {  # name -> (build_model name, kwargs, coefficient: the paper's lambda)
     "resnet34": ("resnet34", {}, 1e-2),

@@ -29,9 +29,9 @@ from _common import interleaved_times, machine_line, markdown_table, median, wri
 from torch import nn
 
 from orthoreg_tp import layer_widths
-from orthoreg_tp.methods import build_importance, feed_importance_, get_method
-from orthoreg_tp.models import build_model
-from orthoreg_tp.pruning import count_macs_params, prune_step_
+from orthoreg_tp.engine.methods import build_importance, feed_importance_, get_method
+from orthoreg_tp.engine.models import build_model
+from orthoreg_tp.engine.pruning import count_macs_params, prune_step_
 
 GOAL = 0.8
 
@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet56", "resnet34", "vgg13", "mobilenet_v1"])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="fractions of channels removed")
-    p.add_argument("--method", default="orthoreg", help="orthoreg_tp.methods name ranking the channels")
+    p.add_argument("--method", default="orthoreg", help="orthoreg_tp.engine.methods name ranking the channels")
     p.add_argument("--round-to", type=int, nargs="+", default=[1, 16],
                    help="also prune with layer widths rounded to these multiples (1: no rounding, the library path)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])

@@ -1,7 +1,7 @@
 """The paper's per-layer floor: every layer keeps ``int(min_keep_ratio * original_width) + 1`` channels.
 
 torch-pruning's ``max_pruning_ratio`` does not cap a single global step, and a group that would empty a layer is
-dropped whole, so the achieved ratio silently undershoots (TORCH_PRUNING_NOTES.md). The floor is enforced in the
+dropped whole, so the achieved ratio silently undershoots (docs/torch-pruning.md). The floor is enforced in the
 scores instead: a group's best ``floor`` channels score ``+inf``, so global ranking can never take them.
 """
 

@@ -8,7 +8,7 @@ A layer's weight is viewed as a batch of *blocks* ``M`` of shape ``[num_blocks, 
 output filter:
 
 * conv ``[C_out, C_in/g, kh, kw]``: one block per group, ``C_out/g x (C_in/g*kh*kw)``;
-* depthwise conv (one input channel per group): a single ``C_out x (kh*kw)`` block (PAPER.md section 2);
+* depthwise conv (one input channel per group): a single ``C_out x (kh*kw)`` block (docs/method.md, section 2);
 * transposed conv ``[C_in, C_out/g, kh, kw]``: one block per group, ``C_out/g x (C_in/g*kh*kw)``;
 * linear ``[out, in]``: one ``out x in`` block;
 * an optional bias is appended as one more column.
@@ -289,7 +289,7 @@ def sqrt_width_weights(widths: Sequence[int]) -> list[float]:
 def paper_schedule(total_ratio: float, rounds: int) -> list[float]:
     """Per-round pruning fractions of the *current* filters: ``r_k = p / (k p + n (1 - p))``.
 
-    After ``rounds`` rounds exactly ``total_ratio`` of the original filters are gone (PAPER.md section 4).
+    After ``rounds`` rounds exactly ``total_ratio`` of the original filters are gone (docs/method.md, section 4).
 
     Args:
         total_ratio: Final fraction ``p`` of filters removed, in ``[0, 1)``.

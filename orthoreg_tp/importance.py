@@ -1,6 +1,6 @@
 """OrthoReg's group importance: the Fisher loss-preservation score with a dataset-averaged gradient.
 
-``I_c = (sum over every parameter entry removed with channel c of theta * g_bar)^2`` (PAPER.md section 3),
+``I_c = (sum over every parameter entry removed with channel c of theta * g_bar)^2`` (docs/method.md, section 3),
 where ``g_bar`` is the gradient of the mean loss averaged over the data (accumulated by the importance object
 itself, never read from whatever happens to be in ``.grad`` at pruning time).
 """

@@ -53,7 +53,7 @@ def _layer_parts(module: nn.Module, include_bias: bool) -> tuple[Tensor, Tensor 
 
 
 class OrthoRegularizer:
-    """Pushes each layer's filters towards orthonormality (PAPER.md section 2).
+    """Pushes each layer's filters towards orthonormality (docs/method.md, section 2).
 
     Layer shapes are read live on every call, so the regularizer keeps working after torch-pruning shrinks the
     model; call :meth:`update` only if modules were added or replaced.

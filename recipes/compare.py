@@ -9,7 +9,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from orthoreg_tp.records import markdown_table, merge_results, plot_results, table_rows
+from orthoreg_tp.engine.records import markdown_table, merge_results, plot_results, table_rows
 
 
 def get_args_parser() -> argparse.ArgumentParser:

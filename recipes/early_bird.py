@@ -1,4 +1,4 @@
-"""Early-bird tickets (PAPER.md section 4): short training, one pruning step, full retraining of the ticket.
+"""Early-bird tickets (docs/method.md, section 4): short training, one pruning step, full retraining of the ticket.
 
 The network trains for the eb_train phase (25 epochs in the paper preset; with the OrthoReg regularizer for
 --method orthoreg), is pruned once by P%, and the pruned net trains for the eb_retrain phase. With --eb-detect,
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 
-from orthoreg_tp.config import add_common_args, add_early_bird_args, config_from_args
-from orthoreg_tp.earlybird import EarlyBirdDetector, pruning_mask
-from orthoreg_tp.experiment import Experiment, run_cli
+from orthoreg_tp.engine.config import add_common_args, add_early_bird_args, config_from_args
+from orthoreg_tp.engine.earlybird import EarlyBirdDetector, pruning_mask
+from orthoreg_tp.engine.experiment import Experiment, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

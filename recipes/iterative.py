@@ -1,4 +1,4 @@
-"""Iterative pruning (PAPER.md section 4): train, then n rounds of estimate -> prune -> retrain.
+"""Iterative pruning (docs/method.md, section 4): train, then n rounds of estimate -> prune -> retrain.
 
 Round k removes r_k = p / (k p + n (1 - p)) of the *current* filters, so P% of the original filters are gone
 after n rounds (or follow --thresholds, cumulative %, or shrink to --target-macs of the dense MACs).
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-from orthoreg_tp.config import add_common_args, add_schedule_args, config_from_args
-from orthoreg_tp.experiment import Experiment, run_cli
+from orthoreg_tp.engine.config import add_common_args, add_schedule_args, config_from_args
+from orthoreg_tp.engine.experiment import Experiment, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -22,16 +22,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from orthoreg_tp import OrthoRegImportance, OrthoRegularizer, find_classifier, mean_orthonormality, prunable_channels
-from orthoreg_tp.data import build_datasets
-from orthoreg_tp.models import build_model
-from orthoreg_tp.training import build_optimizer, evaluate, set_lr, train_one_epoch
+from orthoreg_tp.engine.data import build_datasets
+from orthoreg_tp.engine.models import build_model
+from orthoreg_tp.engine.training import build_optimizer, evaluate, set_lr, train_one_epoch
 
 logger = logging.getLogger("quickstart")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
-    p.add_argument("--model", default="tiny_cnn", help="any orthoreg_tp.models name (default: tiny_cnn)")
+    p.add_argument("--model", default="tiny_cnn", help="any orthoreg_tp.engine.models name (default: tiny_cnn)")
     p.add_argument("--image-size", type=int, default=16, help="digits are upsampled from 8x8 to this size")
     p.add_argument("--epochs", type=int, default=15, help="regularized training epochs")
     p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs after pruning")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from orthoreg_tp.data import DataUnavailableError, build_datasets, paper_transforms
+from orthoreg_tp.engine.data import DataUnavailableError, build_datasets, paper_transforms
 
 
 def test_digits_offline_default():

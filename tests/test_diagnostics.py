@@ -19,7 +19,7 @@ from orthoreg_tp.diagnostics import (
     sample_groups,
     spearman,
 )
-from orthoreg_tp.models import build_model
+from orthoreg_tp.engine.models import build_model
 
 
 def small_cnn():

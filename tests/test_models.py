@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from orthoreg_tp import find_classifier, layer_widths
-from orthoreg_tp.methods import build_importance, get_method
-from orthoreg_tp.models import build_model, list_models
-from orthoreg_tp.pruning import count_macs_params, prune_step_
+from orthoreg_tp.engine.methods import build_importance, get_method
+from orthoreg_tp.engine.models import build_model, list_models
+from orthoreg_tp.engine.pruning import count_macs_params, prune_step_
 
 # Parameter counts of the CIFAR architectures (10 classes), a fingerprint of the layer configuration.
 EXPECTED_PARAMS = {"vgg13": 9_416_010, "mobilenet_v1": 3_217_226, "resnet34": 21_282_122, "resnet56": 855_770}

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import orthoreg_tp.experiment as experiment
-from orthoreg_tp.pruning import load_pruned_model
+import orthoreg_tp.engine.experiment as experiment
+from orthoreg_tp.engine.pruning import load_pruned_model
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny schedules: a recipe in a few seconds, still far above chance (10%) on digits.

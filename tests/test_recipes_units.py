@@ -9,19 +9,19 @@ import torch_pruning as tp
 from torch import nn
 
 from orthoreg_tp import layer_widths
-from orthoreg_tp.config import RecipeConfig
-from orthoreg_tp.earlybird import EarlyBirdDetector, mask_distance, pruning_mask
-from orthoreg_tp.methods import METHODS, FloorImportance, build_importance, feed_importance_, get_method
-from orthoreg_tp.models import build_model
-from orthoreg_tp.pruning import (
+from orthoreg_tp.engine.config import RecipeConfig
+from orthoreg_tp.engine.earlybird import EarlyBirdDetector, mask_distance, pruning_mask
+from orthoreg_tp.engine.methods import METHODS, FloorImportance, build_importance, feed_importance_, get_method
+from orthoreg_tp.engine.models import build_model
+from orthoreg_tp.engine.pruning import (
     count_macs_params,
     load_pruned_model,
     prune_step_,
     replay_pruning_,
     save_pruned_model,
 )
-from orthoreg_tp.records import RunRecord, atomic_torch_save, markdown_table, safe_torch_load
-from orthoreg_tp.training import LRSchedule, build_optimizer
+from orthoreg_tp.engine.records import RunRecord, atomic_torch_save, markdown_table, safe_torch_load
+from orthoreg_tp.engine.training import LRSchedule, build_optimizer
 
 X = torch.randn(1, 3, 16, 16)
 

@@ -5,8 +5,8 @@ import torch_pruning as tp
 from torch import nn
 
 from orthoreg_tp import FloorImportance, TieBreakImportance, layer_widths, prunable_channels
-from orthoreg_tp.models import build_model
-from orthoreg_tp.pruning import prune_step_
+from orthoreg_tp.engine.models import build_model
+from orthoreg_tp.engine.pruning import prune_step_
 from orthoreg_tp.ties import break_ties
 
 X = torch.randn(1, 3, 16, 16)
@@ -81,7 +81,7 @@ def test_recipe_round_to_option():
 
     import pytest
 
-    from orthoreg_tp.config import RecipeConfig, add_common_args, config_from_args
+    from orthoreg_tp.engine.config import RecipeConfig, add_common_args, config_from_args
 
     args = add_common_args(argparse.ArgumentParser()).parse_args(["--round-to", "8"])
     assert config_from_args(args, recipe="iterative").round_to == 8
@@ -92,7 +92,7 @@ def test_recipe_round_to_option():
 def test_per_layer_normalizer_spreads_magnitude_pruning_across_layers():
     import pytest
 
-    from orthoreg_tp.methods import build_importance, get_method
+    from orthoreg_tp.engine.methods import build_importance, get_method
 
     def kept_fractions(normalizer):
         torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Models: the paper's CIFAR architectures, tiny test models, and :func:`build_model` for timm/torchvision.
 
 Example:
-    >>> from orthoreg_tp.models import build_model
+    >>> from orthoreg_tp.engine.models import build_model
     >>> model = build_model("vgg13", num_classes=100)
 """
 

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..metrics import layer_widths, mean_orthonormality
+from ..regularizer import OrthoRegularizer, find_classifier
 from .config import RecipeConfig
 from .data import DataUnavailableError, build_datasets
 from .distributed import (
@@ -41,11 +43,9 @@ from .distributed import (
     wrap_ddp,
 )
 from .methods import build_importance, feed_importance_, get_method
-from .metrics import layer_widths, mean_orthonormality
 from .models import build_model
 from .pruning import count_macs_params, prune_step_, replay_pruning_, save_pruned_model, uses_adapters
 from .records import RunRecord, plot_results, safe_torch_load
-from .regularizer import OrthoRegularizer, find_classifier
 from .training import build_optimizer, evaluate, set_lr, train_one_epoch
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ _RESUME_FREE = ("output_dir", "resume", "device", "progress", "workers", "thread
 
 
 class Experiment:
-    """One recipe run: builds everything from a resolved :class:`~orthoreg_tp.config.RecipeConfig`.
+    """One recipe run: builds everything from a resolved :class:`~orthoreg_tp.engine.config.RecipeConfig`.
 
     Validation happens before anything is written: a bad option, missing data or an output folder that
     already holds a run (without ``resume``) raises and leaves no files behind.

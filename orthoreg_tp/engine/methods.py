@@ -21,10 +21,10 @@ import torch_pruning as tp
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines import GraSPImportance, RDTImportance, TFOImportance
+from ..baselines import GraSPImportance, RDTImportance, TFOImportance
+from ..floor import FloorImportance
+from ..importance import FisherImportance, OrthoRegImportance
 from .distributed import all_reduce_grads_
-from .floor import FloorImportance
-from .importance import FisherImportance, OrthoRegImportance
 
 logger = logging.getLogger(__name__)
 

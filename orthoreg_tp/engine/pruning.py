@@ -27,13 +27,13 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from . import _compat
-from .floor import RoundedFloorImportance
-from .metrics import prunable_channels
+from .. import _compat
+from ..floor import RoundedFloorImportance
+from ..metrics import prunable_channels
+from ..regularizer import find_classifier
+from ..ties import TieBreakImportance
 from .models import build_model
 from .records import atomic_torch_save, safe_torch_load
-from .regularizer import find_classifier
-from .ties import TieBreakImportance
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def build_pruner(model: nn.Module, example_inputs: Tensor, importance: Any, *, r
     kwargs: dict[str, Any] = {"ignored_layers": []}
     spec = None
     if adapters:
-        from .adapters import prepare  # spec objects hold parameters, so prepare again for every step
+        from ..adapters import prepare  # spec objects hold parameters, so prepare again for every step
 
         spec = prepare(model, example_inputs)
         kwargs = spec.pruner_kwargs()
@@ -88,7 +88,7 @@ def build_pruner(model: nn.Module, example_inputs: Tensor, importance: Any, *, r
         kwargs["round_to"] = math.lcm(round_to, kwargs.get("round_to") or 1)
     if not isinstance(importance, TieBreakImportance):
         importance = TieBreakImportance(importance)
-    # max_pruning_ratio caps nothing in one global step (TORCH_PRUNING_NOTES.md); FloorImportance does.
+    # max_pruning_ratio caps nothing in one global step (docs/torch-pruning.md); FloorImportance does.
     with adapter_host_fixes(adapters):  # the graph's index mappings are built here
         pruner = tp.pruner.MetaPruner(model, example_inputs, importance=importance, global_pruning=True,
                                       pruning_ratio=ratio, max_pruning_ratio=0.95, **kwargs)
@@ -131,7 +131,7 @@ def adapter_host_fixes(adapters: bool) -> contextlib.AbstractContextManager:
     """
     if not adapters:
         return contextlib.nullcontext()
-    from .adapters import host_fixes
+    from ..adapters import host_fixes
 
     return host_fixes()
 
@@ -194,7 +194,7 @@ def prune_step_(model: nn.Module, example_inputs: Tensor, importance: Any, *, ra
     Args:
         model: The bare model (not a DDP wrapper); rebuild optimizers and wrappers afterwards.
         example_inputs: Inputs for tracing and MACs counting.
-        importance: A fed importance (usually a :class:`~orthoreg_tp.methods.FloorImportance`).
+        importance: A fed importance (usually a :class:`~orthoreg_tp.engine.methods.FloorImportance`).
         ratio: Fraction of current prunable channels to remove.
         target_macs: Instead of ``ratio``: the MACs to end at; the ratio is found by bisection on dry runs.
         adapters: See :func:`build_pruner`.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _compat
+from .. import _compat
 from .pruning import adapter_host_fixes, build_pruner, plan_pruning
 
 Mask = dict[str, Tensor]

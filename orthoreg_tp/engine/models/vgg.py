@@ -11,7 +11,7 @@ VGG13_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, "M", 5
 
 
 class VGG(FeaturesClassifier):
-    """Plain VGG for 32x32 inputs: 3x3 convs with bias, each followed by ReLU then BatchNorm (PAPER.md 5).
+    """Plain VGG for 32x32 inputs: 3x3 convs with bias, each followed by ReLU then BatchNorm (docs/method.md).
 
     Args:
         cfg: Layer widths, ``"M"`` for a 2x2 max-pool.

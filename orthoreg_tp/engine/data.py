@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, TensorDataset
 logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder")
-# The paper normalizes CIFAR (and Tiny-ImageNet) with mean = std = 0.5 per channel (PAPER.md section 4).
+# The paper normalizes CIFAR (and Tiny-ImageNet) with mean = std = 0.5 per channel (docs/method.md, section 4).
 PAPER_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 PAPER_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 

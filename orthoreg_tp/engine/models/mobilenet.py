@@ -7,7 +7,7 @@ from torch import nn
 from .base import FeaturesClassifier
 from .registry import register_model
 
-# (width, stride) of the 13 depthwise-separable blocks (PAPER.md section 5).
+# (width, stride) of the 13 depthwise-separable blocks (docs/method.md, section 5).
 MOBILENET_V1_CFG: tuple[tuple[int, int], ...] = (
     (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
     (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),

@@ -15,16 +15,16 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from ..floor import NORMALIZERS
 from .data import DATASETS
 from .distributed import DEVICES
-from .floor import NORMALIZERS
 from .methods import METHODS
 from .training import LRSchedule
 
 RECIPES: tuple[str, ...] = ("iterative", "early_bird")
 MAX_PERCENT = 95.0  # the per-layer floor keeps >5% of every layer, so at most 95% of filters can go
 
-# Phases (PAPER.md section 4): base = dense training; ortho = regularized training before the first estimate;
+# Phases (docs/method.md, section 4): base = dense training; ortho = regularized training before the first estimate;
 # retrain = baseline retraining after a round; ortho_retrain + ortho_finetune = OrthoReg's between rounds;
 # eb_train = early-bird training (regularized for OrthoReg); eb_retrain = training the early-bird ticket.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -174,7 +174,7 @@ class RecipeConfig:
 
         From ``thresholds`` when given, else the paper's schedule for ``prune_percent`` over ``rounds``.
         """
-        from .functional import cumulative_schedule
+        from ..functional import cumulative_schedule
 
         if self.thresholds:
             return [t / 100.0 for t in self.thresholds]
