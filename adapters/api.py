@@ -21,6 +21,7 @@ from .generic import (
     trace_outputs,
 )
 from .hostfix import GroupExplosion, host_fixes
+from .opaque import describe_opaque_parameters, describe_tied_parameters
 from .registry import AdapterContext, ModelAdapter, model_adapters
 from .report import PruneReport, PruningError
 from .spec import FixupError, PruningSpec, SpecPart, merge_parts
@@ -103,6 +104,8 @@ def _build_spec(
     if adapter is not None:
         parts.append(adapter.describe(model, ctx))
     parts.extend(describe_modules(model, ctx, freeze_unhandled=freeze_unhandled))
+    parts.extend(describe_tied_parameters(model))
+    parts.extend(describe_opaque_parameters(model, trace.opaque))
     pinned = [m for part in parts for m in part.pinned_inputs]
     if pinned:
         producers = input_producers(model, pinned, example_inputs, unpack=unpack)

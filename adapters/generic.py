@@ -19,12 +19,13 @@ import functools
 import inspect
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .opaque import opaque_parameter_uses
 from .registry import AdapterContext, find_module_adapters, register_module_adapter
 from .spec import Fixup, FixupContext, SpecPart
 
@@ -155,12 +156,15 @@ class Trace:
         output_layers: Layers whose outputs reach a model output directly (see :func:`find_output_layers`).
         functional: Conv/linear layers whose weights the graph uses without calling the layer
             (``F.linear(x, layer.weight)``), which torch-pruning cannot see.
+        opaque: ``{id(parameter): op}`` for parameters that enter a matrix product directly
+            (see :func:`~orthoreg_tp.adapters.opaque.opaque_parameter_uses`).
     """
 
     outputs: tuple[torch.Tensor, ...]
     macs: int
     output_layers: list[Any]
     functional: list[nn.Module]
+    opaque: dict[int, str] = field(default_factory=dict)
 
 
 def trace_outputs(model: nn.Module, example_inputs: Any, *, unpack: bool | None = None) -> Trace:
@@ -199,6 +203,7 @@ def trace_outputs(model: nn.Module, example_inputs: Any, *, unpack: bool | None 
         macs=macs[0],
         output_layers=find_output_layers(model, tensors, grad_fn_to_layer),
         functional=functional,
+        opaque=opaque_parameter_uses(tensors),
     )
 
 
