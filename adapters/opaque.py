@@ -64,14 +64,18 @@ def _is(fn: Any, family: tuple[str, ...]) -> bool:
 
 
 def opaque_parameter_uses(outputs: Iterable[torch.Tensor]) -> dict[int, str]:
-    """``{id(parameter): op}`` for leaf parameters that enter a matrix product directly (through views only).
+    """``{id(parameter): op}`` for leaf parameters multiplied (through views only) with another tensor of the graph.
+
+    A product with a constant (a one-hot position lookup ``one_hot @ table``) maps the parameter's channels
+    one to one and is not reported.
 
     Args:
         outputs: Output tensors of one forward pass run with autograd on.
 
     Example:
         >>> w = nn.Parameter(torch.ones(3, 2))
-        >>> list(opaque_parameter_uses([torch.einsum("bc,oc->bo", torch.ones(1, 2), w)]).values())
+        >>> x = torch.ones(1, 2, requires_grad=True)
+        >>> list(opaque_parameter_uses([torch.einsum("bc,oc->bo", x, w)]).values())
         ['Bmm']
     """
     consumers: dict[Any, list[Any]] = {}
@@ -92,15 +96,18 @@ def opaque_parameter_uses(outputs: Iterable[torch.Tensor]) -> dict[int, str]:
         variable = getattr(node, "variable", None)
         if not isinstance(variable, nn.Parameter):
             continue
-        frontier, visited = list(consumers[node]), set()
+        frontier, visited = [(fn, node) for fn in consumers[node]], set()
         while frontier:
-            fn = frontier.pop()
+            fn, came_from = frontier.pop()
             if fn in visited:
                 continue
             visited.add(fn)
             if _is(fn, _VIEW_OPS):
-                frontier.extend(consumers.get(fn, ()))
-            elif _is(fn, _MATMUL_OPS):
+                frontier.extend((nxt, fn) for nxt in consumers.get(fn, ()))
+            elif _is(fn, _MATMUL_OPS) and any(
+                child is not None and child is not came_from for child, _ in fn.next_functions
+            ):
+                # multiplied with another tensor of the graph (not a constant such as a one-hot table lookup)
                 found[id(variable)] = _op_name(fn)
                 break
     return found

@@ -55,6 +55,13 @@ def test_einsum_weight_is_detected_but_layer_weights_are_not():
     assert [p.pinned_inputs for p in parts] == [[model.mix]]
 
 
+def test_product_with_a_constant_is_not_opaque():
+    table = nn.Parameter(torch.randn(5, 8))
+    lookup = nn.functional.one_hot(torch.tensor([0, 3]), 5).float() @ table  # a position-table lookup
+    assert opaque_parameter_uses([lookup]) == {}
+    assert list(opaque_parameter_uses([torch.randn(2, 5, requires_grad=True) @ table]).values()) == ["Mm"]
+
+
 def test_einsum_module_is_kept_whole_and_named():
     torch.manual_seed(0)
     model, x = EinsumNet(), torch.randn(2, 3, 16, 16)
