@@ -71,7 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--timeout-s", type=float, default=240.0, help="hard wall-clock kill per model")
     group.add_argument("--threads", type=int, default=2)
     group.add_argument("--fresh", action="store_true", help="drop earlier results instead of merging")
-    group.add_argument("--update-readme", action="store_true", help="copy the markdown table into README.md")
+    group.add_argument("--update-readme", action="store_true",
+                       help="ignored: results go to benchmarks/results/ only (kept so recorded commands still run)")
     group.add_argument("--name", default="prunability", help="results file stem under benchmarks/results/")
     worker = parser.add_argument_group("worker (internal)")
     worker.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -396,22 +397,10 @@ def main(args: argparse.Namespace) -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
         md_path.write_text(write_markdown(records, meta, args.limit_s))
+    print(f"results: {json_path} and {md_path}", flush=True)
     if args.update_readme:
-        update_readme(md_path.read_text())
-
-
-README_PATH = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def update_readme(markdown: str, readme: Path = README_PATH) -> None:
-    """Replace the README's block between the prunability markers with the sweep's markdown."""
-    begin, end = "<!-- prunability:begin -->", "<!-- prunability:end -->"
-    text = readme.read_text()
-    if begin not in text or end not in text:
-        raise SystemExit(f"{readme} has no {begin} ... {end} block to update")
-    head, rest = text.split(begin, 1)
-    tail = rest.split(end, 1)[1]
-    readme.write_text(f"{head}{begin}\n{markdown.rstrip()}\n{end}{tail}")
+        print("--update-readme is ignored: the README no longer carries the table (see benchmarks/README.md)",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -22,20 +22,6 @@ from orthoreg_tp.diagnostics import (
 from orthoreg_tp.engine.models import build_model
 
 
-def small_cnn():
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.Conv2d(6, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 3),
-    )
-
-
 def randomize_bn(model):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -46,8 +32,8 @@ def randomize_bn(model):
 
 
 @pytest.fixture
-def net_and_batches():
-    model = small_cnn()
+def net_and_batches(tiny_cnn):
+    model = tiny_cnn()
     randomize_bn(model)
     x, y = torch.randn(24, 3, 6, 6), torch.randint(0, 3, (24,))
     return model, [(x[:10], y[:10]), (x[10:], y[10:])]
@@ -285,8 +271,8 @@ def test_additivity_rejects_empty_data(net_and_batches):
 
 
 # ------------------------------------------------------------------------------------------------ report
-def test_correlation_report_agrees_with_metrics():
-    model = small_cnn()
+def test_correlation_report_agrees_with_metrics(tiny_cnn):
+    model = tiny_cnn()
     nn.init.orthogonal_(model[3].weight)
     nn.init.zeros_(model[3].bias)
     report = correlation_report(model)

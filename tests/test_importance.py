@@ -17,20 +17,6 @@ from orthoreg_tp import (
 )
 
 
-def three_layer_net():
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Conv2d(4, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 3),
-    )
-
-
 def batches(x, y, size):
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
@@ -42,9 +28,9 @@ def reference_mean_grad(model, x, y):
 
 
 @pytest.fixture
-def net_and_data():
+def net_and_data(tiny_cnn):
     torch.manual_seed(0)
-    model = three_layer_net().double()
+    model = tiny_cnn(3, (4, 6), 3).double()
     for bn in (model[1], model[4]):  # non-trivial affine parameters
         nn.init.uniform_(bn.weight, 0.5, 1.5)
         nn.init.normal_(bn.bias)
@@ -244,9 +230,9 @@ def test_baselines_score_and_prune():
         assert torch.isfinite(model(x)).all()
 
 
-def test_grasp_matches_double_backprop_reference():
+def test_grasp_matches_double_backprop_reference(tiny_cnn):
     torch.manual_seed(0)
-    model = three_layer_net().double()
+    model = tiny_cnn(3, (4, 6), 3).double()
     x, y = torch.randn(6, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
     imp = GraSPImportance(temperature=2.0, min_keep_ratio=None)
     imp.accumulate(model, [(x, y)], num_samples=6, progress=False)
@@ -261,9 +247,9 @@ def test_grasp_matches_double_backprop_reference():
     torch.testing.assert_close(imp(conv1_group(model)).double(), expected.detach(), rtol=1e-4, atol=1e-10)
 
 
-def test_rdt_matches_per_sample_loop():
+def test_rdt_matches_per_sample_loop(tiny_cnn):
     torch.manual_seed(0)
-    model = three_layer_net().double()
+    model = tiny_cnn(3, (4, 6), 3).double()
     x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
     imp = RDTImportance(scope="filter", min_keep_ratio=None, seed=3)
     imp.accumulate(model, [(x, torch.zeros(5, dtype=torch.long))], num_samples=5, progress=False)
@@ -291,7 +277,7 @@ def test_accumulate_restores_train_mode(net_and_data):
     assert math.isfinite(float(model(x).sum().detach()))
 
 
-def test_float32_accumulation_owns_batch_tensors_but_never_user_gradients():
+def test_float32_accumulation_owns_batch_tensors_but_never_user_gradients(tiny_cnn):
     from orthoreg_tp.accumulate import ParamStatistics
 
     p, t = nn.Parameter(torch.zeros(3)), torch.ones(3)
@@ -299,7 +285,7 @@ def test_float32_accumulation_owns_batch_tensors_but_never_user_gradients():
     stats.add(p, t, num_samples=4, owned=True)  # a temporary: becomes the running sum, no copy
     assert torch.equal(t, torch.full((3,), 4.0)) and torch.equal(stats.mean(p), torch.ones(3))
     torch.manual_seed(0)
-    model = three_layer_net()  # float32: the owned path
+    model = tiny_cnn(3, (4, 6), 3)  # float32: the owned path
     x, y = torch.randn(10, 3, 6, 6), torch.randint(0, 3, (10,))
     for sizes in (10, 4):  # one batch (sums taken over in place), then several (added in place)
         imp = OrthoRegImportance(min_keep_ratio=None)

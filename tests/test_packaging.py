@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import orthoreg_tp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -11,6 +13,7 @@ def run_python(code, cwd):
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: 7-8 s
 def test_adapters_installed_under_the_package_namespace(tmp_path):
     code = (
         "import importlib.util, orthoreg_tp.adapters as a;"
@@ -24,6 +27,7 @@ def test_adapters_installed_under_the_package_namespace(tmp_path):
     assert toplevel == "None"  # no top-level `adapters` module shadows PyPI's package
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: 7-8 s
 def test_import_is_cheap_and_does_not_touch_cuda(tmp_path):
     code = (
         "import sys, torch, orthoreg_tp;"

@@ -6,23 +6,9 @@ from torch import nn
 from orthoreg_tp import OrthoRegImportance, OrthoRegPruner, cumulative_schedule, paper_schedule
 
 
-def small_cnn():
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 4),
-    )
-
-
-def test_sparse_training_loop_with_pruning_steps():
+def test_sparse_training_loop_with_pruning_steps(tiny_cnn):
     torch.manual_seed(0)
-    model = small_cnn()
+    model = tiny_cnn(1, (16, 32), 4)
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
     pruner = OrthoRegPruner(
         model, x[:1], coefficient=1e-2, pruning_ratio=0.5, iterative_steps=2, ignored_layers=[model[8]]
@@ -53,9 +39,9 @@ def test_sparse_training_loop_with_pruning_steps():
     assert model[3].weight.grad.shape == model[3].weight.shape
 
 
-def test_paper_schedule_drives_torch_pruning_rounds():
+def test_paper_schedule_drives_torch_pruning_rounds(tiny_cnn):
     torch.manual_seed(0)
-    model = small_cnn()
+    model = tiny_cnn(1, (16, 32), 4)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
     pruner = OrthoRegPruner(
         model,
@@ -76,8 +62,8 @@ def test_paper_schedule_drives_torch_pruning_rounds():
     assert pruner.achieved_ratio == pytest.approx(0.75, abs=0.03)
 
 
-def test_forwards_kwargs_to_torch_pruning():
-    model = small_cnn()
+def test_forwards_kwargs_to_torch_pruning(tiny_cnn):
+    model = tiny_cnn(1, (16, 32), 4)
     pruner = OrthoRegPruner(
         model,
         torch.randn(1, 1, 8, 8),
@@ -90,8 +76,8 @@ def test_forwards_kwargs_to_torch_pruning():
     assert pruner.round_to == 4 and not pruner.global_pruning and pruner.pruning_ratio == 0.3
 
 
-def test_step_before_accumulation_raises():
-    model = small_cnn()
+def test_step_before_accumulation_raises(tiny_cnn):
+    model = tiny_cnn(1, (16, 32), 4)
     pruner = OrthoRegPruner(model, torch.randn(1, 1, 8, 8), ignored_layers=[model[8]])
     with pytest.raises(RuntimeError, match="accumulate"):
         pruner.step()

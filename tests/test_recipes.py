@@ -63,7 +63,8 @@ def check_run(out, results, *, rounds):
     return rows
 
 
-@pytest.mark.parametrize("method", ["orthoreg", "l1", "bn"])
+@pytest.mark.parametrize("method", ["orthoreg", pytest.param("l1", marks=pytest.mark.slow),
+                                    pytest.param("bn", marks=pytest.mark.slow)])
 def test_iterative_on_digits(tmp_path, method):
     results = run(ITERATIVE, "--method", method, "--prune-percent", "75", "--rounds", "2",
                   "--output-dir", str(tmp_path / method))
@@ -80,6 +81,7 @@ def test_iterative_on_digits(tmp_path, method):
         assert phases == ["base"] * 4 + ["retrain"] * 6 and not any(e["regularized"] for e in epochs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["orthoreg", "l1", "bn"])
 def test_early_bird_on_digits(tmp_path, method):
     out = tmp_path / method
@@ -97,6 +99,7 @@ def test_early_bird_on_digits(tmp_path, method):
         assert eb["fired_epoch"] is not None
 
 
+@pytest.mark.slow
 def test_library_model_through_the_adapters(tmp_path):
     out = tmp_path / "vit"
     results = run(ITERATIVE, "--model", "timm:test_vit", "--image-size", "32", "--method", "l1",
@@ -122,6 +125,7 @@ def interrupt_after(monkeypatch, epochs):
     monkeypatch.setattr(experiment, "train_one_epoch", flaky)
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_rows(tmp_path, monkeypatch):
     argv = ["--method", "orthoreg", "--prune-percent", "60", "--rounds", "2"]
     reference = run(ITERATIVE, *argv, "--output-dir", str(tmp_path / "ref"))
@@ -145,6 +149,7 @@ def test_resume_gives_identical_rows(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "resumed").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_resume_early_bird_keeps_detector_state(tmp_path, monkeypatch):
     argv = ["--method", "l1", "--prune-percent", "50", "--eb-detect", "--eb-patience", "3"]
     reference = run(EARLY_BIRD, *argv, "--output-dir", str(tmp_path / "ref"))
@@ -156,6 +161,7 @@ def test_resume_early_bird_keeps_detector_state(tmp_path, monkeypatch):
     assert resumed["rows"] == reference["rows"] and resumed["early_bird"] == reference["early_bird"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(tmp_path):
     out = str(tmp_path / "run")
     run(ITERATIVE, "--method", "l2", "--prune-percent", "30", "--output-dir", out)
@@ -165,6 +171,7 @@ def test_resume_refuses_changed_settings(tmp_path):
         run(ITERATIVE, "--method", "l2", "--prune-percent", "30", "--output-dir", out)
 
 
+@pytest.mark.slow
 def test_target_macs_budget(tmp_path):
     results = run(ITERATIVE, "--method", "l2", "--target-macs", "0.4", "--rounds", "2",
                   "--output-dir", str(tmp_path / "macs"))
@@ -173,6 +180,7 @@ def test_target_macs_budget(tmp_path):
     assert rows[2]["macs_pct"] > 25.0 and rows[2]["target_pct"] is None
 
 
+@pytest.mark.slow
 def test_round_to_and_normalizer_options(tmp_path):
     results = run(ITERATIVE, "--method", "l1", "--prune-percent", "50", "--round-to", "8", "--normalizer", "mean",
                   "--output-dir", str(tmp_path / "r8"), "--phase", "base=0.1:1", "--phase", "retrain=0.1:1")
@@ -201,6 +209,7 @@ def test_bad_arguments_exit_cleanly_and_write_nothing(tmp_path, capsys, argv, me
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_torchrun_gloo_two_processes(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -220,6 +229,7 @@ def test_torchrun_gloo_two_processes(tmp_path):
     assert len(epochs) == results["rows"][-1]["epochs"]
 
 
+@pytest.mark.slow
 def test_compare_merges_runs(tmp_path, capsys):
     for method in ("l1", "random"):
         run(ITERATIVE, "--method", method, "--prune-percent", "50", "--output-dir", str(tmp_path / method),

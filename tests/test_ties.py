@@ -26,14 +26,9 @@ def test_break_ties_makes_equal_scores_distinct_and_keeps_order():
     assert not torch.equal(break_ties(scores, "other")[distinct], out[distinct])  # layers differ
 
 
-def bn_net():
+def bn_net(tiny_cnn):
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
-        nn.Conv2d(48, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
-    )
+    return tiny_cnn(3, (32, 48, 24), 10)
 
 
 def global_step(model, importance, ratio):
@@ -44,17 +39,18 @@ def global_step(model, importance, ratio):
     return 1 - prunable_channels(pruner) / before
 
 
-def test_tied_scores_overshoot_in_plain_global_ranking_but_not_with_tie_breaking():
+def test_tied_scores_overshoot_in_plain_global_ranking_but_not_with_tie_breaking(tiny_cnn):
     # Fresh BatchNorm gammas are all 1: every score ties with the threshold.
-    bn = lambda: FloorImportance(tp.importance.BNScaleImportance(normalizer=None), layer_widths(bn_net()))  # noqa: E731
-    assert global_step(bn_net(), bn(), 0.3) > 0.6  # torch-pruning removes every tied channel
-    achieved = global_step(bn_net(), TieBreakImportance(bn()), 0.3)
+    widths = layer_widths(bn_net(tiny_cnn))
+    bn = lambda: FloorImportance(tp.importance.BNScaleImportance(normalizer=None), widths)  # noqa: E731
+    assert global_step(bn_net(tiny_cnn), bn(), 0.3) > 0.6  # torch-pruning removes every tied channel
+    achieved = global_step(bn_net(tiny_cnn), TieBreakImportance(bn()), 0.3)
     total = 32 + 48 + 24
     assert round(achieved * total) == total - int(total * 0.7)  # exactly torch-pruning's own count
 
 
-def test_prune_step_hits_the_ratio_with_tied_scores():
-    model = bn_net()
+def test_prune_step_hits_the_ratio_with_tied_scores(tiny_cnn):
+    model = bn_net(tiny_cnn)
     imp = FloorImportance(tp.importance.BNScaleImportance(normalizer=None), layer_widths(model))
     step = prune_step_(model, X, imp, ratio=0.3)
     assert abs(step.achieved - 0.3) < 0.01

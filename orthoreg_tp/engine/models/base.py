@@ -14,6 +14,7 @@ class FeaturesClassifier(nn.Module):
         num_classes: Output classes.
 
     Example:
+        >>> import torch
         >>> net = FeaturesClassifier(nn.Sequential(nn.Conv2d(3, 8, 3)), width=8, num_classes=5)
         >>> net(torch.randn(2, 3, 8, 8)).shape
         torch.Size([2, 5])

@@ -32,6 +32,7 @@ class MobileNetV1(FeaturesClassifier):
         stem_width: Stem output channels.
 
     Example:
+        >>> import torch
         >>> MobileNetV1(num_classes=100)(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 100])
     """

@@ -17,6 +17,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with a residual connection (1x1 conv + BN shortcut when the shape changes).
 
     Example:
+        >>> import torch
         >>> BasicBlock(16, 32, stride=2)(torch.randn(1, 16, 8, 8)).shape
         torch.Size([1, 32, 4, 4])
     """
@@ -49,6 +50,7 @@ class CifarResNet(nn.Module):
         in_chans: Input channels.
 
     Example:
+        >>> import torch
         >>> CifarResNet((1, 1), (8, 16), num_classes=10)(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """

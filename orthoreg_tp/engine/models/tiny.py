@@ -17,6 +17,7 @@ class TinyCNN(FeaturesClassifier):
         widths: Channels of the three convs.
 
     Example:
+        >>> import torch
         >>> TinyCNN(num_classes=10, in_chans=1)(torch.randn(2, 1, 16, 16)).shape
         torch.Size([2, 10])
     """

@@ -19,6 +19,7 @@ class VGG(FeaturesClassifier):
         in_chans: Input channels.
 
     Example:
+        >>> import torch
         >>> VGG(VGG13_CFG, num_classes=100)(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 100])
     """
