@@ -264,7 +264,7 @@ def count_macs_params(model: nn.Module, example_inputs: Tensor) -> tuple[int, in
 
     Example:
         >>> count_macs_params(nn.Linear(4, 2), torch.zeros(1, 4))
-        (8, 10)
+        (10, 10)
     """
     was_training = model.training
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)
