@@ -195,7 +195,9 @@ def load_pruned(path: str | os.PathLike, *, map_location: str | torch.device = "
 
     Example:
         >>> import orthoreg_tp
-        >>> model = orthoreg_tp.load_pruned("/tmp/tiny_dense.safetensors")
+        >>> from orthoreg_tp.engine.models import build_model
+        >>> path = save_pruned("/tmp/tiny", build_model("tiny_cnn", 10), [], ModelSpec("tiny_cnn", 10, 3, 16))
+        >>> model = orthoreg_tp.load_pruned("/tmp/tiny.safetensors")
         >>> model(torch.zeros(1, 3, 16, 16)).shape
         torch.Size([1, 10])
     """
