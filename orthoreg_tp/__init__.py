@@ -37,6 +37,7 @@ __all__ = [
     "find_classifier",
     "keep_floor",
     "layer_widths",
+    "load_pruned",
     "mean_orthonormality",
     "orthonormality",
     "paper_schedule",
@@ -45,3 +46,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Lazy attributes: ``load_pruned`` imports the engine (safetensors, the model registry) on first use only."""
+    if name == "load_pruned":
+        from .engine.export import load_pruned
+
+        return load_pruned
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

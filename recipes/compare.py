@@ -1,43 +1,25 @@
 """Merge several recipe runs into one table (Markdown on stdout, optional CSV) and one plot.
 
     python recipes/compare.py runs/it-orthoreg runs/it-fisher runs/it-l1 --plot runs/compare.png --csv runs/compare.csv
+
+The same as `orthoreg-tp compare ...`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-from pathlib import Path
 
-from orthoreg_tp.engine.records import markdown_table, merge_results, plot_results, table_rows
+from orthoreg_tp.engine.cli import compare_parser, run_compare
+from orthoreg_tp.engine.experiment import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="run folders (or their results.json)")
-    parser.add_argument("--plot", default="compare.png", help="PNG to write (accuracy vs pruned %% and MACs)")
-    parser.add_argument("--csv", default=None, help="also write the table as CSV")
-    parser.add_argument("--title", default="")
-    return parser
+    return compare_parser()
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    runs = merge_results(args.runs)
-    rows = table_rows(runs)
-    print(markdown_table(rows))
-    plot_results([(label, results["rows"]) for label, results in runs], args.plot, title=args.title)
-    if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return rows
+    return run_compare(args)
 
 
 if __name__ == "__main__":
-    parser = get_args_parser()
-    try:
-        main(parser.parse_args())
-    except (FileNotFoundError, KeyError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    run_cli(get_args_parser(), main)

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -275,3 +276,98 @@ def config_from_args(args: argparse.Namespace, *, recipe: str) -> RecipeConfig:
     values = {f.name: getattr(args, f.name) for f in fields(RecipeConfig) if hasattr(args, f.name)}
     values["phases"] = dict(values.get("phases") or [])
     return RecipeConfig(**values, recipe=recipe).resolved()
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a recipe config file (JSON, or YAML for ``.yaml``/``.yml``) into checked :class:`RecipeConfig` values.
+
+    The keys are :class:`RecipeConfig`'s fields, as in a run's ``config.json``; the facts a run records next to
+    them (``data``, ``world_size``, ``dense_params``, ``dense_macs``) are accepted and ignored, so a run's own
+    ``config.json`` reruns it. Integers are accepted for float fields; ``phases`` is a ``{phase: schedule}`` map.
+
+    Args:
+        path: The file.
+
+    Returns:
+        ``{field: value}`` for the fields the file sets.
+
+    Raises:
+        ValueError: The file is missing or unreadable, is not a mapping, names unknown keys (all listed), or
+            gives a value of the wrong type.
+
+    Example:
+        >>> import json, tempfile
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        ...     json.dump({"method": "l1", "prune_percent": 60, "phases": {"base": "0.1:2"}}, f)
+        >>> load_config_file(f.name)
+        {'method': 'l1', 'prune_percent': 60.0, 'phases': {'base': '0.1:2'}}
+    """
+    import json
+    import types
+    import typing
+    from pathlib import Path
+
+    recorded = ("data", "world_size", "dense_params", "dense_macs")  # written by the engine next to the config
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError("YAML config files need PyYAML: pip install pyyaml") from None
+        parse, errors = yaml.safe_load, (yaml.YAMLError,)
+    else:
+        parse, errors = json.loads, (ValueError,)
+    try:
+        data = parse(text)
+    except errors as err:
+        raise ValueError(f"config file {str(path)!r} is not valid: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of option names to values")
+    hints = typing.get_type_hints(RecipeConfig)
+    unknown = sorted(str(k) for k in data if k not in hints and k not in recorded)
+    if unknown:
+        raise ValueError(f"unknown keys in config file {str(path)!r}: {', '.join(unknown)}; the keys are "
+                         f"{RecipeConfig.__name__}'s fields (as in a run's config.json)")
+
+    def convert(hint: Any, value: Any) -> Any:  # raises TypeError when value does not fit hint
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or origin is typing.Union:
+            for option in args:
+                try:
+                    return convert(option, value)
+                except TypeError:
+                    pass
+        elif hint is type(None):
+            if value is None:
+                return None
+        elif hint is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif hint in (int, str, bool):
+            if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+                return value
+        elif origin is list and len(args) == 1:
+            if isinstance(value, list):
+                return [convert(args[0], v) for v in value]
+        elif origin is dict and len(args) == 2:
+            if isinstance(value, dict):
+                return {convert(args[0], k): convert(args[1], v) for k, v in value.items()}
+        else:
+            return value  # a type this reader does not know: RecipeConfig.validate() judges it
+        raise TypeError(hint)
+
+    values = {}
+    for name, value in data.items():
+        if name in recorded:
+            continue
+        try:
+            values[name] = convert(hints[name], value)
+        except TypeError:
+            hint = hints[name]
+            shown = hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
+            raise ValueError(f"config file {str(path)!r}: {name} must be {shown}, got {value!r}") from None
+    return values

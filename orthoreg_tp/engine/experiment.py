@@ -42,6 +42,7 @@ from .distributed import (
     train_sampler,
     wrap_ddp,
 )
+from .export import ModelSpec, save_pruned
 from .methods import build_importance, feed_importance_, get_method
 from .models import build_model
 from .pruning import count_macs_params, prune_step_, replay_pruning_, save_pruned_model, uses_adapters
@@ -292,7 +293,15 @@ class Experiment:
         self._end_stage()
 
     def finish(self) -> dict[str, Any]:
-        """Write the final ``results.json`` and plot; return the results."""
+        """Write ``model_final.safetensors`` (+ ``.json``), the final ``results.json`` and plot; return the results."""
+        if self.record.enabled and self.state["rows"]:  # the portable artifact of the final model
+            info = self.data_info
+            path = save_pruned(self.record.dir / "model_final", self.model, self.state["history"],
+                               ModelSpec(self.cfg.model, info.num_classes, info.in_chans, info.image_size),
+                               extra={"round": self.state["rows"][-1]["round"]})
+            self.notes["final_model"] = path.name
+            logger.info("final model: %s (+ %s; load it with orthoreg_tp.load_pruned)", path,
+                        path.with_suffix(".json").name)
         results = self._write_results(complete=True)
         barrier()
         return results
