@@ -51,15 +51,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from torch_pruning import ops
-from torch_pruning.pruner import function
 
 # ------------------------------------------------------------------------------------------- host internals
 # Every private torch-pruning name this module relies on (pinned by tests/test_adapters_graph.py).
-from torch_pruning import _helpers  # _HybridIndex, GroupItem, to_plain_idxs, to_root_idxs
+from torch_pruning import (
+    _helpers,  # _HybridIndex, GroupItem, to_plain_idxs, to_root_idxs
+    ops,
+)
 from torch_pruning.dependency import index_mapping, shape_infer
 from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.group import Group
+from torch_pruning.pruner import function
 
 _HOST_MAPPINGS = {
     name: getattr(index_mapping, name)
@@ -454,10 +456,8 @@ class RobustDependencyGraph(tp.DependencyGraph):
 
 # -------------------------------------------------------------------------------------------- updaters
 def _guarded(update: Callable[..., Any], *args: Any) -> None:
-    try:
+    with contextlib.suppress(*_INFERENCE_ERRORS):  # shape not inferable: the node keeps the identity mapping
         update(*args)
-    except _INFERENCE_ERRORS:
-        pass  # shape not inferable: the node keeps the identity mapping
 
 
 def _map_edge(src: Any, dst: Any, mapping: Callable[[bool], Any]) -> None:
@@ -482,8 +482,10 @@ def _edge_mappings(dep: Any) -> list[Any]:
 
 
 def _inferred(infer: Callable[..., int | None], *args: Any) -> int | None:
-    """torch-pruning's channel inference, or ``None`` where it fails (it overruns a split's sizes when one chunk
-    has several consumers)."""
+    """torch-pruning's channel inference, or ``None`` where it fails.
+
+    It overruns a split's sizes when one chunk has several consumers.
+    """
     try:
         return infer(*args)
     except (IndexError, TypeError):
@@ -514,9 +516,12 @@ def _reshape_kind(graph: Any, node: Any) -> tuple[int, bool] | None:
     size = [int(s) for s in size]
     if len(size) == 4:  # [B, C, H, W] -> [B, C*H*W]
         channels, spatial = size[1], size[2] * size[3]
-        if spatial > 1 and _producer_channels(graph, node) == channels:
-            if _consumer_channels(graph, node) == channels * spatial:
-                return spatial, False
+        if (
+            spatial > 1
+            and _producer_channels(graph, node) == channels
+            and _consumer_channels(graph, node) == channels * spatial
+        ):
+            return spatial, False
         return None
     if len(size) in (1, 2) and node.outputs and all(isinstance(out.module, ops.TORCH_CONV) for out in node.outputs):
         features = size[-1]  # [B, C*H*W] (saved as [C*H*W] for B = 1) -> [B, C, H, W] read by convolutions
