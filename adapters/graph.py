@@ -15,9 +15,10 @@ runs unchanged. The host bugs it works around, each reproduced in ``tests/test_a
   a spatial subsampling (LeViT's ``Subsample``). Here only a slice whose dim has the producer's channel count
   maps indices, on the edges to its consumers (so the slice's own start/end bookkeeping sees input channels).
 - **split/unbind order**: the i-th consumer found while tracing is paired with the i-th chunk; consumers are
-  found in autograd order, so channels of one chunk get pruned in another (SKNet). Here consumers are matched
-  by the chunk they read (``output_nr`` in the autograd graph); a module reading several chunks (the same layer
-  applied to two chunks) gets every chunk it reads; an unbind whose consumers cannot be matched is blocked.
+  found in autograd order, so channels of one chunk get pruned in another (SKNet), and an op reading two chunks
+  (``q * k``) gets one. Here consumers are matched by the chunks they read (``output_nr`` in the autograd
+  graph), a layer applied to several chunks gets every chunk it reads, and an unbind whose consumers cannot be
+  matched is blocked.
 - **concat sizes**: a concat input produced by a split or a slice is sized before the split's sizes are known
   (FasterNet's ``cat((conv(x1), x2))``): the concat keeps the identity mapping and a later chunk prunes the
   wrong consumer inputs. Here such inputs are sized from the autograd node.
@@ -71,7 +72,6 @@ _HOST_MAPPINGS = {
 _HOST_UPDATERS = {
     "slice": index_mapping.update_slice_index_mapping,
     "concat": index_mapping.update_concat_index_mapping,
-    "unbind": index_mapping.update_unbind_index_mapping,
     "expand": index_mapping.update_expand_index_mapping,
 }
 
@@ -342,17 +342,18 @@ class RobustDependencyGraph(tp.DependencyGraph):
         _guarded(_HOST_UPDATERS["concat"], self, node)
 
     def _update_unbind(self, node: Any) -> None:
-        outputs = list(node.outputs)
-        nrs = [_output_nr(node, out) for out in outputs]
-        if None in nrs or sorted(nrs) != list(range(len(outputs))):
-            if node.enable_index_mapping and getattr(node.grad_fn, "_saved_dim", 0) == 0:
-                _set_chunk_mappings(node, [None] * len(outputs))  # block: consumers cannot be matched
+        if not node.enable_index_mapping or _saved_dim(node.grad_fn, 64) != 0:
+            return  # the host maps only an unbind along dim 0 (stacked projections: q, k, v)
+        reads = [nr for out in {id(o): o for o in node.outputs}.values() for nr in _output_nrs(node, out)]
+        n_chunks = max(reads) + 1 if reads else 0
+        width = _producer_channels(self, node)
+        if set(reads) != set(range(n_chunks)) or not width or width % n_chunks:
+            _set_chunk_mappings(node, [None] * len(node.outputs))  # block: consumers cannot be matched
             return
-        node.outputs[:] = [out for _, out in sorted(zip(nrs, outputs), key=lambda pair: pair[0])]
-        try:
-            _guarded(_HOST_UPDATERS["unbind"], self, node)
-        finally:
-            node.outputs[:] = outputs
+        step = width // n_chunks
+        node.module.offsets = [i * step for i in range(n_chunks + 1)]
+        chunks = _chunk_assignment(node, n_chunks)
+        _set_chunk_mappings(node, [[c * step, (c + 1) * step] if c is not None else None for c in chunks])
 
     # ---------------------------------------------------------------------------------------- group walk
     def get_pruning_group(self, module: Any, pruning_fn: Callable[..., Any], idxs: Any) -> RobustGroup:

@@ -122,9 +122,22 @@ def adapted_pruner_class(pruner_class: type = tp.pruner.MetaPruner) -> type:
     return type(name, (_RobustPrunerMixin, pruner_class), {"__module__": __name__, "__qualname__": name})
 
 
-def _merged_kwargs(spec: Any, user: dict[str, Any]) -> dict[str, Any]:
-    """The spec's pruner arguments with the user's: lists concatenated, dicts merged, anything else replaced."""
+def _merged_kwargs(model: nn.Module, spec: Any, user: dict[str, Any]) -> dict[str, Any]:
+    """The spec's pruner arguments with the user's: lists concatenated, dicts merged, anything else replaced.
+
+    Parameters of layers the user gives a customized pruner are that pruner's: the spec's entries for them in
+    ``unwrapped_parameters`` (a gate's scale it found used functionally) are dropped.
+    """
     kwargs = spec.pruner_kwargs()
+    custom = tuple((user.get("customized_pruners") or {}).keys())
+    if custom and kwargs.get("unwrapped_parameters"):
+        owned = {
+            id(p)
+            for m in model.modules()
+            if any(m is key or (isinstance(key, type) and isinstance(m, key)) for key in custom)
+            for p in m.parameters()
+        }
+        kwargs["unwrapped_parameters"] = [(p, d) for p, d in kwargs["unwrapped_parameters"] if id(p) not in owned]
     for key, value in user.items():
         if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
             kwargs[key] = {**kwargs[key], **value}
@@ -186,7 +199,7 @@ def build_pruner(
         from .api import prepare
 
         spec = prepare(model, example_inputs)
-    kwargs = _merged_kwargs(spec, torch_pruning_kwargs)
+    kwargs = _merged_kwargs(model, spec, torch_pruning_kwargs)
     pruner = cls(model, example_inputs, importance=importance, **kwargs)
     pruner.finalizer = spec.finalize
     return pruner
