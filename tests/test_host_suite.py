@@ -296,7 +296,8 @@ class SingleChannel(nn.Module):  # test_single_channel_output
 class Unbind(nn.Module):  # torch.unbind over stacked projections (timm attention's q, k, v)
     def __init__(self, d: int = 16) -> None:
         super().__init__()
-        self.qkv, self.proj, self.embed, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(8, d), nn.Linear(d, 3)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.embed, self.head = nn.Linear(8, d), nn.Linear(d, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -390,7 +391,9 @@ CASES: dict[str, Case] = {
     ),
     "test_unused_parameters": Case(UnusedParams, lambda: torch.randn(2, 3, 6, 6)),
     "test_single_channel_output": Case(SingleChannel, lambda: torch.randn(2, 3, 6, 6)),
-    "test_isomorphic": Case(ConvBNLinear, lambda: torch.randn(2, 3, 8, 8), {"global_pruning": True, "isomorphic": True}),
+    "test_isomorphic": Case(
+        ConvBNLinear, lambda: torch.randn(2, 3, 8, 8), {"global_pruning": True, "isomorphic": True}
+    ),
     "unbind-qkv": Case(Unbind, lambda: torch.randn(2, 5, 8), check=_unbind_consistent),
     "test_regularization-BNScalePruner": Case(ConvBNLinear, lambda: torch.randn(2, 3, 8, 8),
                                               pruner_class=tp.pruner.BNScalePruner),
