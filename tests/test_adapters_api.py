@@ -1,4 +1,4 @@
-"""prepare()/prune() contracts: argument errors, rollback, budgets, the spec, registries and host fixes."""
+"""prepare()/prune() contracts: argument errors, rollback, budgets, the spec, registries, the manual flow."""
 
 from __future__ import annotations
 
@@ -310,7 +310,7 @@ def test_generic_adapter_detects_every_block_sharing_a_submodule() -> None:
     assert report.frozen == () and all(model[i].qkv.out_features == 48 for i in (1, 2, 3))
 
 
-# ------------------------------------------------------------------------------------------------ host fixes
+# ------------------------------------------------------------------------------------------- reference forward
 def test_out_of_memory_in_the_reference_forward_is_not_called_bad_inputs():
     class Hungry(nn.Module):
         def forward(self, x):
