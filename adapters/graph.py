@@ -260,18 +260,16 @@ class RobustDependencyGraph(tp.DependencyGraph):
     def update_index_mapping(self) -> None:
         """Install the index mappings of every concat/split/reshape/unbind/expand/slice node (fixed updaters)."""
         for node in list(self.module2node.values()):
-            if node.type == ops.OPTYPE.CONCAT:
-                self._update_concat(node)
-            elif node.type == ops.OPTYPE.SPLIT:
-                _guarded(self._update_split, node)
-            elif node.type == ops.OPTYPE.RESHAPE:
-                _guarded(self._update_reshape, node)
-            elif node.type == ops.OPTYPE.UNBIND:
-                self._update_unbind(node)
-            elif node.type == ops.OPTYPE.EXPAND:
-                _guarded(_HOST_UPDATERS["expand"], self, node)
-            elif node.type == ops.OPTYPE.SLICE:
-                self._update_slice(node)
+            update = {
+                ops.OPTYPE.CONCAT: self._update_concat,
+                ops.OPTYPE.SPLIT: self._update_split,
+                ops.OPTYPE.RESHAPE: self._update_reshape,
+                ops.OPTYPE.UNBIND: self._update_unbind,
+                ops.OPTYPE.EXPAND: lambda n: _HOST_UPDATERS["expand"](self, n),
+                ops.OPTYPE.SLICE: self._update_slice,
+            }.get(node.type)
+            if update is not None:
+                _guarded(update, node)  # a shape that cannot be inferred leaves the identity mapping
         for node in self.module2node.values():  # host updaters create host mapping objects: guard them
             for dep in node.dependencies:
                 for mapping in dep.index_mapping:
