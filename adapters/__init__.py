@@ -8,7 +8,9 @@ Example:
 """
 
 from .api import prepare, prune
+from .graph import GroupExplosion, RobustDependencyGraph
 from .hostfix import host_fixes
+from .pruner import adapted_pruner_class, build_pruner
 from .registry import (
     AdapterContext,
     ModelAdapter,
@@ -23,11 +25,15 @@ __all__ = [
     "Fixup",
     "FixupContext",
     "FixupError",
+    "GroupExplosion",
     "ModelAdapter",
     "PruneReport",
     "PruningError",
     "PruningSpec",
+    "RobustDependencyGraph",
     "SpecPart",
+    "adapted_pruner_class",
+    "build_pruner",
     "host_fixes",
     "prepare",
     "prune",

@@ -20,8 +20,9 @@ from .generic import (
     run_model,
     trace_outputs,
 )
-from .hostfix import GroupExplosion, host_fixes
+from .graph import GroupExplosion
 from .opaque import describe_opaque_parameters, describe_tied_parameters
+from .pruner import adapted_pruner_class
 from .registry import AdapterContext, ModelAdapter, model_adapters
 from .report import PruneReport, PruningError
 from .spec import FixupError, PruningSpec, SpecPart, merge_parts
@@ -156,14 +157,12 @@ def prepare(model: nn.Module, example_inputs: Any, *, freeze_unhandled: bool = T
 
     Example:
         >>> import timm, torch, torch_pruning as tp
-        >>> from orthoreg_tp.adapters import host_fixes, prepare
+        >>> from orthoreg_tp.adapters import build_pruner, prepare
         >>> model, x = timm.create_model("test_vit", pretrained=False), torch.randn(1, 3, 160, 160)
         >>> spec = prepare(model, x)
-        >>> with host_fixes():  # torch-pruning work-arounds for the graph build and the step
-        ...     pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(),
-        ...                                   pruning_ratio=0.5, **spec.pruner_kwargs())
-        ...     pruner.step()
-        >>> spec.finalize(model, pruner)
+        >>> pruner = build_pruner(model, x, importance=tp.importance.GroupMagnitudeImportance(), spec=spec,
+        ...                       pruning_ratio=0.5)
+        >>> pruner.step()  # prunes, then applies the spec's fix-ups
     """
     with _ModeGuard(model):
         unpack, trace = _reference_forward(model, example_inputs)
@@ -208,18 +207,18 @@ def _run_pruner(
     """Build the pruner and prune; any exception becomes a ``_StepError`` naming the group being handled."""
     current: list[Any] = [None]
     try:
-        with host_fixes():
-            pruner = pruner_class(model, example_inputs, importance=importance, pruning_ratio=ratio, **kwargs)
-            estimate = pruner.estimate_importance
+        robust_class = adapted_pruner_class(pruner_class)  # the graph works around torch-pruning's bugs
+        pruner = robust_class(model, example_inputs, importance=importance, pruning_ratio=ratio, **kwargs)
+        estimate = pruner.estimate_importance
 
-            def tracked(group: Any) -> Any:
-                current[0] = group[0].dep.target.module
-                return estimate(group)
+        def tracked(group: Any) -> Any:
+            current[0] = group[0].dep.target.module
+            return estimate(group)
 
-            pruner.estimate_importance = tracked
-            for group in pruner.step(interactive=True):
-                current[0] = group[0].dep.target.module
-                group.prune()
+        pruner.estimate_importance = tracked
+        for group in pruner.step(interactive=True):
+            current[0] = group[0].dep.target.module
+            group.prune()
     except Exception as exc:
         if isinstance(exc, GroupExplosion):
             current[0] = exc.module

@@ -1,4 +1,4 @@
-"""prepare()/prune() contracts: argument errors, rollback, budgets, the spec, registries and host fixes."""
+"""prepare()/prune() contracts: argument errors, rollback, budgets, the spec, registries, the manual flow."""
 
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ from orthoreg_tp.adapters import (
     PruningError,
     PruningSpec,
     SpecPart,
-    host_fixes,
+    build_pruner,
     prepare,
     prune,
     register_module_adapter,
 )
-from orthoreg_tp.adapters import hostfix as hostfix_module
 
 
 def _resnet() -> tuple[nn.Module, torch.Tensor]:
@@ -229,10 +228,8 @@ def test_manual_pruner_path_with_finalize() -> None:
     model = timm.create_model("test_vit", pretrained=False).eval()
     x = torch.randn(1, 3, 64, 64)
     spec = prepare(model, x)
-    with host_fixes():
-        pruner = tp.pruner.MetaPruner(model, x, importance=_imp(), pruning_ratio=0.5, **spec.pruner_kwargs())
-        pruner.step()
-    spec.finalize(model, pruner)
+    pruner = build_pruner(model, x, importance=_imp(), spec=spec, pruning_ratio=0.5)
+    pruner.step()  # the spec's fix-ups run at the end of the step
     attn = model.blocks[0].attn
     assert attn.num_heads * attn.head_dim * 3 == attn.qkv.out_features
     assert model(x).shape == (1, model.num_classes)
@@ -313,30 +310,7 @@ def test_generic_adapter_detects_every_block_sharing_a_submodule() -> None:
     assert report.frozen == () and all(model[i].qkv.out_features == 48 for i in (1, 2, 3))
 
 
-# ------------------------------------------------------------------------------------------------ host fixes
-def test_host_fixes_patch_existing_names_and_restore_them() -> None:
-    before = [owner.__dict__[name] for owner, name in hostfix_module.PATCHED]
-    with host_fixes():
-        during = [owner.__dict__[name] for owner, name in hostfix_module.PATCHED]
-    after = [owner.__dict__[name] for owner, name in hostfix_module.PATCHED]
-    assert all(a is not b for a, b in zip(before, during)), "a torch-pruning internal we patch has moved"
-    assert all(a is b for a, b in zip(before, after))
-
-
-def test_host_fixes_nest_and_restore_torch_pruning():
-    from orthoreg_tp.adapters import host_fixes
-    from torch_pruning.dependency import index_mapping
-
-    original = index_mapping.update_concat_index_mapping
-    with host_fixes():
-        patched = index_mapping.update_concat_index_mapping
-        assert patched is not original
-        with host_fixes():  # nested: no second layer of patches, nothing restored early
-            assert index_mapping.update_concat_index_mapping is patched
-        assert index_mapping.update_concat_index_mapping is patched
-    assert index_mapping.update_concat_index_mapping is original
-
-
+# ------------------------------------------------------------------------------------------- reference forward
 def test_out_of_memory_in_the_reference_forward_is_not_called_bad_inputs():
     class Hungry(nn.Module):
         def forward(self, x):

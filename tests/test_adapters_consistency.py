@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 import torchvision
-from orthoreg_tp.adapters import host_fixes, prepare
+from orthoreg_tp.adapters import build_pruner, prepare
 from orthoreg_tp.adapters.timm import SelectiveKernelAttnPruner
 from torchvision.models import densenet, resnet
 
@@ -81,23 +81,21 @@ def _prune_recording(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[st
     alive = {n: None for n in names.values()}
     removed: dict[str, list[int]] = {}
     spec = prepare(model, x)
-    with host_fixes():
-        pruner = tp.pruner.MetaPruner(
-            model, x, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=ratio, **spec.pruner_kwargs()
-        )
-        for group in pruner.step(interactive=True):
-            for dep, idxs in group:
-                layer = _consumer(dep)
-                if layer is None:
-                    continue
-                name = names[layer]
-                width = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
-                current = alive[name] if alive[name] is not None else list(range(width))
-                drop = set(idxs)
-                removed.setdefault(name, []).extend(current[i] for i in drop)
-                alive[name] = [c for i, c in enumerate(current) if i not in drop]
-            group.prune()
-    spec.finalize(model, pruner)
+    pruner = build_pruner(
+        model, x, importance=tp.importance.GroupMagnitudeImportance(), spec=spec, pruning_ratio=ratio
+    )
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            layer = _consumer(dep)
+            if layer is None:
+                continue
+            name = names[layer]
+            width = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+            current = alive[name] if alive[name] is not None else list(range(width))
+            drop = set(idxs)
+            removed.setdefault(name, []).extend(current[i] for i in drop)
+            alive[name] = [c for i, c in enumerate(current) if i not in drop]
+        group.prune()
     return removed
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _compat
-from .pruning import adapter_host_fixes, build_pruner, plan_pruning
+from .pruning import build_pruner, plan_pruning
 
 Mask = dict[str, Tensor]
 
@@ -35,17 +35,16 @@ def pruning_mask(model: nn.Module, example_inputs: Tensor, importance: Any, *, r
     """
     was_training = model.training
     torch.manual_seed(seed)
-    with adapter_host_fixes(adapters):
-        pruner, _ = build_pruner(model, example_inputs, importance, ratio=ratio, adapters=adapters)
-        mask: Mask = {}
-        for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                              root_module_types=pruner.root_module_types):
-            width = _compat.current_width(group)
-            if width:
-                mask[_compat.layer_name(group, group[0].dep.target.module)] = torch.ones(width, dtype=torch.bool)
-        for name, is_out, idxs in plan_pruning(pruner):
-            if is_out and name in mask:
-                mask[name][idxs] = False
+    pruner, _ = build_pruner(model, example_inputs, importance, ratio=ratio, adapters=adapters)
+    mask: Mask = {}
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        width = _compat.current_width(group)
+        if width:
+            mask[_compat.layer_name(group, group[0].dep.target.module)] = torch.ones(width, dtype=torch.bool)
+    for name, is_out, idxs in plan_pruning(pruner):
+        if is_out and name in mask:
+            mask[name][idxs] = False
     model.train(was_training)
     return mask
 

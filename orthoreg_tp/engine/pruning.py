@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -81,7 +80,7 @@ def build_pruner(model: nn.Module, example_inputs: Tensor, importance: Any, *, r
         from ..adapters import prepare  # spec objects hold parameters, so prepare again for every step
 
         spec = prepare(model, example_inputs)
-        kwargs = spec.pruner_kwargs()
+        kwargs = {"ignored_layers": [], "round_to": spec.round_to}
     if classifier is not None:
         kwargs["ignored_layers"] = [*kwargs["ignored_layers"], classifier]
     if round_to is not None and round_to > 1:
@@ -89,16 +88,15 @@ def build_pruner(model: nn.Module, example_inputs: Tensor, importance: Any, *, r
     if not isinstance(importance, TieBreakImportance):
         importance = TieBreakImportance(importance)
     # max_pruning_ratio caps nothing in one global step (docs/torch-pruning.md); FloorImportance does.
-    with adapter_host_fixes(adapters):  # the graph's index mappings are built here
-        pruner = tp.pruner.MetaPruner(model, example_inputs, importance=importance, global_pruning=True,
+    if spec is not None:  # the adapters' pruner: a graph that works around torch-pruning's bugs, fix-ups per step
+        from ..adapters import build_pruner as build_adapted_pruner
+
+        pruner = build_adapted_pruner(model, example_inputs, importance=importance, spec=spec, global_pruning=True,
                                       pruning_ratio=ratio, max_pruning_ratio=0.95, **kwargs)
-    pruner._orthoreg_adapters = adapters  # plan_pruning / replay prune under the same host fixes
-
-    def finalize() -> None:
-        if spec is not None:
-            spec.finalize(model, pruner)
-
-    return pruner, finalize
+        return pruner, pruner.finalize
+    pruner = tp.pruner.MetaPruner(model, example_inputs, importance=importance, global_pruning=True,
+                                  pruning_ratio=ratio, max_pruning_ratio=0.95, **kwargs)
+    return pruner, lambda: None
 
 
 def plan_pruning(pruner: tp.pruner.MetaPruner, *, apply: bool = False) -> list[HistoryEntry]:
@@ -110,30 +108,15 @@ def plan_pruning(pruner: tp.pruner.MetaPruner, *, apply: bool = False) -> list[H
         >>> entries = plan_pruning(pruner)  # doctest: +SKIP
     """
     entries = []
-    with adapter_host_fixes(getattr(pruner, "_orthoreg_adapters", False)):
-        for group in pruner.step(interactive=True):
-            dep, idxs = group[0]
-            if len(idxs) == 0:
-                continue
-            name = _compat.layer_name(group, dep.target.module)
-            entries.append([name, bool(pruner.DG.is_out_channel_pruning_fn(dep.trigger)), [int(i) for i in idxs]])
-            if apply:
-                group.prune()
+    for group in pruner.step(interactive=True):
+        dep, idxs = group[0]
+        if len(idxs) == 0:
+            continue
+        name = _compat.layer_name(group, dep.target.module)
+        entries.append([name, bool(pruner.DG.is_out_channel_pruning_fn(dep.trigger)), [int(i) for i in idxs]])
+        if apply:
+            group.prune()
     return entries
-
-
-def adapter_host_fixes(adapters: bool) -> contextlib.AbstractContextManager:
-    """``orthoreg_tp.adapters.host_fixes()`` for adapter-prepared models, a no-op otherwise (re-entrant).
-
-    Example:
-        >>> with adapter_host_fixes(False):
-        ...     pass
-    """
-    if not adapters:
-        return contextlib.nullcontext()
-    from ..adapters import host_fixes
-
-    return host_fixes()
 
 
 def replay_pruning_(model: nn.Module, example_inputs: Tensor, history: Sequence[HistoryEntry], *,
@@ -146,8 +129,7 @@ def replay_pruning_(model: nn.Module, example_inputs: Tensor, history: Sequence[
     if history:
         pruner, finalize = build_pruner(model, example_inputs, tp.importance.RandomImportance(), ratio=0.0,
                                         adapters=adapters)
-        with adapter_host_fixes(adapters):
-            pruner.DG.load_pruning_history([list(e) for e in history])
+        pruner.DG.load_pruning_history([list(e) for e in history])
         finalize()
     return model
 
@@ -220,9 +202,8 @@ def prune_step_(model: nn.Module, example_inputs: Tensor, importance: Any, *, ra
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
-    with adapter_host_fixes(adapters):  # group enumeration, dry runs and the step all see the same host fixes
-        return _prune_step(model, example_inputs, importance, ratio=ratio, target_macs=target_macs,
-                           adapters=adapters, round_to=round_to, seed=seed, search_steps=search_steps)
+    return _prune_step(model, example_inputs, importance, ratio=ratio, target_macs=target_macs,
+                       adapters=adapters, round_to=round_to, seed=seed, search_steps=search_steps)
 
 
 def _prune_step(model: nn.Module, example_inputs: Tensor, importance: Any, *, ratio: float | None,
