@@ -18,10 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 import torchvision
-from torch_pruning import _helpers, ops
-from torch_pruning.dependency import index_mapping
-
-import orthoreg_tp
 from orthoreg_tp.adapters import (
     Fixup,
     PruningSpec,
@@ -32,6 +28,10 @@ from orthoreg_tp.adapters import (
     prepare,
 )
 from orthoreg_tp.adapters import graph as graph_module
+from torch_pruning import _helpers, ops
+from torch_pruning.dependency import index_mapping
+
+import orthoreg_tp
 
 # ------------------------------------------------------------------------------------------ tiny models
 

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 import torchvision
+from orthoreg_tp.adapters import build_pruner
 
 from orthoreg_tp import OrthoRegImportance
-from orthoreg_tp.adapters import build_pruner
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
