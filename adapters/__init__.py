@@ -7,7 +7,8 @@ Example:
     >>> report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
 """
 
-from .api import prepare, prune
+from .api import prepare, prune, replay
+from .config import PruneConfig
 from .hostfix import host_fixes
 from .registry import (
     AdapterContext,
@@ -24,6 +25,7 @@ __all__ = [
     "FixupContext",
     "FixupError",
     "ModelAdapter",
+    "PruneConfig",
     "PruneReport",
     "PruningError",
     "PruningSpec",
@@ -33,4 +35,5 @@ __all__ = [
     "prune",
     "register_model_adapter",
     "register_module_adapter",
+    "replay",
 ]
