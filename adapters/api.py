@@ -246,6 +246,10 @@ def prune(
             _restore_grad_flags(model, grad_flags)
             raise
     _restore_grad_flags(model, grad_flags)
+    if session.frozen:
+        warnings.warn(f"pruning {type(model).__name__}: kept {len(session.frozen)} block(s) unpruned after failed "
+                      "attempts: " + "; ".join(f"{k or '<model>'} ({v[:160]})" for k, v in session.frozen.items()),
+                      stacklevel=2)
     ranking = session.ranking()
     return PruneReport(
         model_class=type(model).__name__,
@@ -286,8 +290,10 @@ def _run(session: PruneSession, cfg: PruneConfig, macs_before: int,
         applied = float(cfg.ratio)
         if cfg.global_ranking and ranking.removable(applied) > ranking.scored - ranking.protected:
             applied = limit
-            warnings.warn(f"pruning {model_class}: ratio {cfg.ratio:.4g} would cut into the per-layer floor "
-                          f"(min_keep_ratio={cfg.min_keep_ratio!r}); pruning {applied:.4g} instead", stacklevel=3)
+            if limit > 0:  # else nothing can go: the error below says why
+                warnings.warn(f"pruning {model_class}: ratio {cfg.ratio:.4g} would cut into the per-layer floor "
+                              f"(min_keep_ratio={cfg.min_keep_ratio!r}); pruning {applied:.4g} instead",
+                              stacklevel=3)
         trial = session.attempt_repaired(applied)
         if cfg.ratio > 0 and not trial.history:
             raise PruningError(model_class, None, session.why_nothing(cfg.ratio))

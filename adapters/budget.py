@@ -65,9 +65,13 @@ def search_ratio(
             guess = lo + width * (f_lo - aim) / max(f_lo - f_hi, 1e-12)
             r = min(max(guess, lo + 0.1 * width), hi - 0.1 * width)
     closest = min(trials, key=lambda t: abs(t[1] - aim))
+    gap = ""
+    if hi is not None:
+        gap = (f"; the kept fraction jumps from {f_lo:.3f} (ratio {lo:.4f}) to {f_hi:.3f} (ratio {hi:.4f}), "
+               "so no ratio lands in the band: widen the tolerance")
     raise BudgetUnreachable(
         f"could not reach the {what} {goal:.3f} (kept between {low:.3f} and {goal:.3f}): closest was "
         f"{closest[1]:.3f} at ratio {closest[0]:.3f} after {len(trials)} trials (largest ratio allowed "
-        f"{max_ratio:.3f})",
+        f"{max_ratio:.3f}){gap}",
         trials,
     )

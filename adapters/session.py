@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -288,8 +287,6 @@ class PruneSession:
             input_producers(self.model, [m for _, m in targets], self.example_inputs, unpack=self.unpack)
         )
         self._ranking = None  # fewer groups to rank now
-        warnings.warn(f"pruning {self.model_class}: froze {', '.join(n or '<model>' for n, _ in targets)} "
-                      f"after a failed attempt ({reason[:200]})", stacklevel=4)
 
     # ------------------------------------------------------------------ diagnosis
     def why_nothing(self, ratio: float) -> str:
