@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import _compat
-from ..floor import FloorImportance, RoundedFloorImportance, is_protected
-from ..ties import TieBreakImportance
+from orthoreg_tp import _compat
+from orthoreg_tp.floor import FloorImportance, RoundedFloorImportance, is_protected
+from orthoreg_tp.ties import TieBreakImportance
+
 from .config import PruneConfig
 from .generic import LAYER_TYPES, Trace, input_producers, looks_like_attention, run_model
 from .hostfix import GroupExplosion, host_fixes
@@ -187,26 +188,26 @@ class PruneSession:
         """Score every ranked group once on the unpruned model (cached until a repair freezes a block)."""
         if self._ranking is None:
             restore(self.snap)
-            with self._seeded():
+            with self._seeded(), host_fixes():
                 pruner = self._build(0.0, None)
                 self._ranking = self._rank(pruner)
         return self._ranking
 
     def _rank(self, pruner: Any) -> Ranking:
+        """Count ranked and protected channels as torch-pruning's next step will (call under host fixes)."""
         ranking = Ranking(prunable=_compat.prunable_channel_count(pruner))
-        with host_fixes():
-            for group, ch_groups in _compat.ranked_groups(pruner):
-                scores = pruner.estimate_importance(group)
-                if scores is None:
-                    continue
-                scores = scores.detach().float().cpu()
-                per_channel = scores.view(ch_groups, -1).mean(0) if ch_groups > 1 else scores
-                protected = int(is_protected(per_channel).sum())
-                root = group[0].dep.target.module
-                ranking.scored += per_channel.numel()
-                ranking.protected += protected
-                ranking.layers[_compat.layer_name(group, root)] = _compat.current_width(group) or 0
-                ranking.caps[root] = max(0.0, 1.0 - (protected + 0.5) / max(per_channel.numel(), 1))
+        for group, ch_groups in _compat.ranked_groups(pruner):
+            scores = pruner.estimate_importance(group)
+            if scores is None:
+                continue
+            scores = scores.detach().float().cpu()
+            per_channel = scores.view(ch_groups, -1).mean(0) if ch_groups > 1 else scores
+            protected = int(is_protected(per_channel).sum())
+            root = group[0].dep.target.module
+            ranking.scored += per_channel.numel()
+            ranking.protected += protected
+            ranking.layers[_compat.layer_name(group, root)] = _compat.current_width(group) or 0
+            ranking.caps[root] = max(0.0, 1.0 - (protected + 0.5) / max(per_channel.numel(), 1))
         return ranking
 
     # ------------------------------------------------------------------ attempts
@@ -214,11 +215,11 @@ class PruneSession:
         """Prune the restored model at ``ratio``, finalize and verify it (raises on any failure)."""
         ranking = self.ranking()
         restore(self.snap)
-        with self._seeded():
+        with self._seeded(), host_fixes():  # INTEGRATION: graph fixes carried by build_pruner's graph
             pruner = self._build(ratio, ranking)
             self._step(pruner)
+            channels_after = _compat.prunable_channel_count(pruner)
         history = tuple([str(n), bool(o), [int(i) for i in idxs]] for n, o, idxs in pruner.DG.pruning_history())
-        channels_after = _compat.prunable_channel_count(pruner)
         self.spec.finalize(self.model, pruner)
         result = checked_forward(self.model, self.example_inputs, names=self.names, unpack=self.unpack)
         problem = compare_outputs(self.reference.outputs, result.tensors, check_shape=self.spec.check_output_shape)
@@ -230,12 +231,12 @@ class PruneSession:
         return Trial(ratio, result.macs, count_params(self.model), channels_after, history)
 
     def _step(self, pruner: Any) -> None:
+        """Prune one step (under host fixes), naming the group being handled on failure."""
         current: Any = None
         try:
-            with host_fixes():
-                for group in pruner.step(interactive=True):
-                    current = group[0].dep.target.module
-                    group.prune()
+            for group in pruner.step(interactive=True):
+                current = group[0].dep.target.module
+                group.prune()
         except ImportanceFailure:
             raise
         except Exception as exc:

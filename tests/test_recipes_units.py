@@ -9,7 +9,6 @@ import torch_pruning as tp
 from torch import nn
 
 from orthoreg_tp import layer_widths
-from orthoreg_tp.floor import is_protected
 from orthoreg_tp.engine.config import RecipeConfig
 from orthoreg_tp.engine.earlybird import EarlyBirdDetector, mask_distance, pruning_mask
 from orthoreg_tp.engine.methods import METHODS, FloorImportance, build_importance, feed_importance_, get_method
@@ -24,6 +23,7 @@ from orthoreg_tp.engine.pruning import (
 )
 from orthoreg_tp.engine.records import RunRecord, atomic_torch_save, markdown_table, safe_torch_load
 from orthoreg_tp.engine.training import LRSchedule, build_optimizer
+from orthoreg_tp.floor import is_protected
 
 X = torch.randn(1, 3, 16, 16)
 
