@@ -270,3 +270,12 @@ def test_global_ranking_still_protects_floor_channels():
     assert int(is_protected(scores).sum()) == keep_floor(16, 0.05) and scores.max() == PROTECTED_SCORE
     prune(model, X, importance=imp, ratio=0.6)
     assert model[2].out_channels == keep_floor(16, 0.05)
+
+
+def test_old_engine_names_are_thin_aliases():
+    a, b = cnn(), cnn()
+    imp = FloorImportance(raw_l1(), layer_widths(a))
+    old = engine_pruning.prune_step_(a, X[:1], imp, ratio=0.4, adapters=False)
+    new = engine_pruning.prune_round_(b, X[:1], imp, ratio=0.4)
+    assert old.history == new.history and layer_widths(a) == layer_widths(b)
+    assert layer_widths(engine_pruning.replay_pruning_(cnn(), X[:1], old.history, adapters=True)) == layer_widths(a)

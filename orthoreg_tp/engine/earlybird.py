@@ -24,11 +24,13 @@ from .pruning import round_config
 Mask = dict[str, Tensor]
 
 
-def pruning_mask(model: nn.Module, example_inputs: Tensor, importance: Any, *, ratio: float, seed: int = 0) -> Mask:
+def pruning_mask(model: nn.Module, example_inputs: Tensor, importance: Any, *, ratio: float, seed: int = 0,
+                 adapters: bool | None = None) -> Mask:
     """The keep-mask (``True`` = kept) of every ranked group's root layer under a dry-run pruning round.
 
     A dry run of the one pruning path (:func:`orthoreg_tp.adapters.prune` with ``dry_run=True``): the channels
     a round at ``ratio`` would remove, read from its history. The model is left unchanged (restored in place).
+    ``adapters`` is ignored (kept for old callers): every model goes through the adapters.
 
     Example:
         >>> mask = pruning_mask(model, x, importance, ratio=0.5)  # doctest: +SKIP

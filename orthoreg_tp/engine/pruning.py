@@ -26,8 +26,8 @@ from ..adapters.verify import count_macs_params
 from .models import build_model
 from .records import atomic_torch_save, safe_torch_load
 
-__all__ = ["count_macs_params", "load_pruned_model", "prune_round_", "replay_pruning_", "round_config",
-           "save_pruned_model", "uses_adapters"]
+__all__ = ["count_macs_params", "load_pruned_model", "prune_round_", "prune_step_", "replay_pruning_",
+           "round_config", "save_pruned_model", "uses_adapters"]
 
 HistoryEntry = list  # [layer name: str, is_out_channel: bool, indices: list[int]]
 
@@ -88,8 +88,23 @@ def prune_round_(model: nn.Module, example_inputs: Tensor, importance: Any, *, r
     return prune(model, example_inputs, importance=importance, config=cfg)
 
 
-def replay_pruning_(model: nn.Module, example_inputs: Tensor, history: Sequence[HistoryEntry]) -> nn.Module:
+def prune_step_(model: nn.Module, example_inputs: Tensor, importance: Any, *, ratio: float | None = None,
+                target_macs: float | None = None, round_to: int | None = None, seed: int = 0,
+                adapters: bool | None = None) -> PruneReport:
+    """Deprecated alias of :func:`prune_round_` (``adapters`` is ignored: every model goes through them).
+
+    Example:
+        >>> report = prune_step_(model, x, imp, ratio=0.5)  # doctest: +SKIP
+    """
+    return prune_round_(model, example_inputs, importance, ratio=ratio, target_macs=target_macs, round_to=round_to,
+                        seed=seed)
+
+
+def replay_pruning_(model: nn.Module, example_inputs: Tensor, history: Sequence[HistoryEntry], *,
+                    adapters: bool | None = None) -> nn.Module:
     """Re-apply pruning history entries to ``model`` in place (:func:`orthoreg_tp.adapters.replay`).
+
+    ``adapters`` is ignored (kept for old callers): every model is replayed through the adapters.
 
     Example:
         >>> replay_pruning_(build_model("vgg13", num_classes=100), x, history)  # doctest: +SKIP
