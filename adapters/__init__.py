@@ -7,7 +7,8 @@ Example:
     >>> report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
 """
 
-from .api import prepare, prune
+from .api import prepare, prune, replay
+from .config import PruneConfig
 from .graph import GroupExplosion, RobustDependencyGraph
 from .hostfix import host_fixes
 from .pruner import adapted_pruner_class, build_pruner
@@ -27,6 +28,7 @@ __all__ = [
     "FixupError",
     "GroupExplosion",
     "ModelAdapter",
+    "PruneConfig",
     "PruneReport",
     "PruningError",
     "PruningSpec",
@@ -39,4 +41,5 @@ __all__ = [
     "prune",
     "register_model_adapter",
     "register_module_adapter",
+    "replay",
 ]

@@ -43,6 +43,14 @@ class PruneReport:
         trials: ``(ratio, achieved fraction of the budgeted quantity)`` for every pruning attempt kept.
         frozen: ``"layer: reason"`` for layers frozen automatically after a failed attempt.
         spec: :meth:`PruningSpec.summary` of the spec used.
+        history: torch-pruning's ``[layer name, is_out_channel, indices]`` entries of the pruning (replay them on
+            the unpruned model with :func:`~orthoreg_tp.adapters.replay`).
+        channels_before: Prunable channels (as torch-pruning's ranking counts them) before pruning.
+        channels_after: The same after pruning.
+        prunable_layers: ``{root layer: width}`` of every group the ranking considered.
+        requested_ratio: The ratio asked for (``None`` for a budget); ``ratio`` is lower when the floor capped it.
+        dry_run: The model was restored after computing all of this.
+        config: :meth:`PruneConfig.to_dict` of the options used.
     """
 
     model_class: str
@@ -58,6 +66,13 @@ class PruneReport:
     trials: tuple[tuple[float, float], ...] = ()
     frozen: tuple[str, ...] = ()
     spec: dict[str, Any] = field(default_factory=dict)
+    history: tuple[list, ...] = ()
+    channels_before: int = 0
+    channels_after: int = 0
+    prunable_layers: dict[str, int] = field(default_factory=dict)
+    requested_ratio: float | None = None
+    dry_run: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def params_fraction(self) -> float:
@@ -69,12 +84,18 @@ class PruneReport:
         """Fraction of MACs kept."""
         return self.macs_after / max(self.macs_before, 1)
 
+    @property
+    def channels_removed(self) -> float:
+        """Fraction of the prunable channels removed (the achieved ratio)."""
+        return 1.0 - self.channels_after / max(self.channels_before, 1)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dictionary (widths as ``[before, after]`` lists)."""
         out = asdict(self)
         out["widths"] = {k: list(v) for k, v in self.widths.items()}
         out["params_fraction"] = self.params_fraction
         out["macs_fraction"] = self.macs_fraction
+        out["channels_removed"] = self.channels_removed
         return out
 
     def __str__(self) -> str:
@@ -83,5 +104,5 @@ class PruneReport:
             f"{self.model_class}: params {self.params_before:,} -> {self.params_after:,} "
             f"({self.params_fraction:.1%}), MACs {self.macs_before:,} -> {self.macs_after:,} "
             f"({self.macs_fraction:.1%}), {changed} layers narrowed, ratio {self.ratio:.3f}, "
-            f"{self.seconds:.2f} s"
+            f"{self.seconds:.2f} s{' (dry run, model unchanged)' if self.dry_run else ''}"
         )

@@ -10,7 +10,14 @@ import torch.nn as nn
 
 from .generic import flatten_tensors, layer_macs, run_model
 
-__all__ = ["ForwardResult", "VerificationError", "checked_forward", "count_params", "layer_widths"]
+__all__ = [
+    "ForwardResult",
+    "VerificationError",
+    "checked_forward",
+    "count_macs_params",
+    "count_params",
+    "layer_widths",
+]
 
 
 class VerificationError(RuntimeError):
@@ -110,6 +117,26 @@ def compare_outputs(
         if new.is_floating_point() and not torch.isfinite(new).all() and torch.isfinite(ref).all():
             return f"output {i} has non-finite values"
     return None
+
+
+def count_macs_params(model: nn.Module, example_inputs: Any, *, unpack: bool | None = None) -> tuple[int, int]:
+    """``(MACs, parameters)`` of ``model`` on ``example_inputs``: the project's one counter.
+
+    The same figures :func:`~orthoreg_tp.adapters.prune` reports (:func:`checked_forward`'s convention: conv,
+    linear and ``nn.MultiheadAttention`` projections), in eval mode; every module's train/eval mode is restored.
+
+    Example:
+        >>> count_macs_params(nn.Linear(4, 2), torch.zeros(1, 4))
+        (8, 10)
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        macs = checked_forward(model, example_inputs, unpack=unpack).macs
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return macs, count_params(model)
 
 
 def count_params(model: nn.Module) -> int:

@@ -33,7 +33,7 @@ from orthoreg_tp.diagnostics import additivity, correlation_report
 from orthoreg_tp.engine.data import build_datasets
 from orthoreg_tp.engine.methods import build_importance, feed_importance_, get_method
 from orthoreg_tp.engine.models import build_model
-from orthoreg_tp.engine.pruning import count_macs_params, prune_step_
+from orthoreg_tp.engine.pruning import count_macs_params, prune_round_
 from orthoreg_tp.engine.training import LRSchedule, build_optimizer, evaluate, set_lr, train_one_epoch
 from orthoreg_tp.regularizer import find_classifier
 
@@ -109,11 +109,11 @@ def prune_and_finetune(model: nn.Module, method_name: str, level: float, loaders
     importance = build_importance(method, layer_widths(model))
     feed_importance_(method, importance, model, loaders["score"], num_samples=args.importance_samples,
                      progress=False)
-    step = prune_step_(model, example, importance, target_macs=(1.0 - level) * dense_macs)
+    report = prune_round_(model, example, importance, target_macs=(1.0 - level) * dense_macs)
     model.zero_grad(set_to_none=True)
     macs, params = count_macs_params(model, example)
     row = {"method": method_name, "level": level, "macs_removed": 1 - macs / dense_macs,
-           "params_removed": 1 - params / dense_params, "channels_removed": step.achieved,
+           "params_removed": 1 - params / dense_params, "channels_removed": report.channels_removed,
            "acc_pruned": evaluate(model, loaders["test"], device=device)["acc"]}
     optimizer = build_optimizer(model, lr=args.finetune_lr)
     for _ in range(args.finetune_epochs):

@@ -5,7 +5,7 @@ from dense by 30/50/70% of its channels with OrthoReg's importance (ranked globa
 accumulated on random data, which only shapes *where* channels go). For each, the measured forward latency (median
 of interleaved runs, ``inference_mode``) is compared with the MACs reduction: efficiency = latency reduction / MACs
 reduction (goal >= 0.8). A second set is pruned with layer widths rounded to multiples of 16
-(``prune_step_(round_to=16)``: torch-pruning's ``round_to`` with every layer keeping at least one multiple), which
+(``prune_round_(round_to=16)``: torch-pruning's ``round_to`` with every layer keeping at least one multiple), which
 CPU kernels prefer. The pruned models are exported to ONNX and run in onnxruntime, whose
 outputs must match PyTorch's (skipped cleanly when ``onnx``/``onnxruntime`` are not installed:
 ``pip install orthoreg-tp[onnx]``).
@@ -31,7 +31,7 @@ from torch import nn
 from orthoreg_tp import layer_widths
 from orthoreg_tp.engine.methods import build_importance, feed_importance_, get_method
 from orthoreg_tp.engine.models import build_model
-from orthoreg_tp.engine.pruning import count_macs_params, prune_step_
+from orthoreg_tp.engine.pruning import count_macs_params, prune_round_
 
 GOAL = 0.8
 
@@ -86,7 +86,7 @@ def prune_copies(name: str, args: argparse.Namespace) -> tuple[dict[str, nn.Modu
             model = copy.deepcopy(dense)
             importance = build_importance(method, layer_widths(model))
             feed_importance_(method, importance, model, data, num_samples=64, progress=False)
-            achieved = prune_step_(model, example, importance, ratio=ratio, round_to=round_to).achieved
+            achieved = prune_round_(model, example, importance, ratio=ratio, round_to=round_to).channels_removed
             model.zero_grad(set_to_none=True)
             calibrate_bn_(model, data)  # downstream statistics changed with the removed channels
             macs, params = count_macs_params(model, example)

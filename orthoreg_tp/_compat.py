@@ -86,3 +86,21 @@ def prunable_channel_count(pruner: Any) -> int:
                 continue
         total += graph.get_out_channels(group[0][0].target.module) // pruner._get_channel_groups(group)
     return total
+
+
+def ranked_groups(pruner: Any) -> Any:
+    """Yield ``(group, channel_groups)`` for every group a pruner's next ``step()`` would rank, as it would.
+
+    Mirrors the first pass of torch-pruning's ``_prune``: groups its ratio check admits, attention groups
+    re-rooted at their downstream layer.
+    """
+    graph = pruner.DG
+    for group in graph.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        if not pruner._check_pruning_ratio(group):
+            continue
+        is_attention, _ = pruner._is_atten_group(group)
+        if is_attention:
+            group = pruner._downstream_node_as_root_if_attention(group)
+            if group is None:
+                continue
+        yield group, pruner._get_channel_groups(group)

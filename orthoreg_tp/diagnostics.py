@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from . import _compat
 from .accumulate import model_device, to_device
+from .floor import is_protected
 from .importance import AccumulatingImportance, LossFn, OrthoRegImportance, default_loss
 from .metrics import filter_correlations, layer_widths, orthonormality
 from .regularizer import find_classifier
@@ -454,10 +455,10 @@ def _single_scores(importance: Any, group: Any, name: str) -> Tensor:
     scores = scores.detach().double().cpu()
     if scores.numel() != len(group[0].idxs):
         raise ValueError(f"importance returned {scores.numel()} scores for {len(group[0].idxs)} channels of {name!r}")
-    if not torch.isfinite(scores).all():
+    if not torch.isfinite(scores).all() or bool(is_protected(scores).any()):
         raise ValueError(
-            f"importance {type(importance).__name__} returned non-finite scores for {name!r} (a per-layer floor "
-            "marks protected channels +inf): build it with min_keep_ratio=None"
+            f"importance {type(importance).__name__} returned non-finite or floor-protected scores for {name!r} (a "
+            "per-layer floor raises its protected channels above every real score): build it with min_keep_ratio=None"
         )
     return scores
 

@@ -2,7 +2,11 @@
 
 torch-pruning's ``max_pruning_ratio`` does not cap a single global step, and a group that would empty a layer is
 dropped whole, so the achieved ratio silently undershoots (docs/torch-pruning.md). The floor is enforced in the
-scores instead: a group's best ``floor`` channels score ``+inf``, so global ranking can never take them.
+scores instead: a group's best ``floor`` channels score :data:`PROTECTED_SCORE`, a huge *finite* value above every real
+score, so global ranking never takes them (a ratio that would reach them selects every channel of every group, which
+torch-pruning then skips, as it did with ``+inf``; :func:`orthoreg_tp.adapters.prune` caps such ratios instead).
+Finite, because other torch-pruning components consume the same scores: ``GroupNormPruner.regularize()`` computes
+``(max - s) / (max - min)``, which an infinite score turns into NaN gradients.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import Tensor
 from . import _compat
 
 NORMALIZERS: tuple[str, ...] = ("mean", "max", "sum", "standarization", "gaussian", "lamp")
+PROTECTED_SCORE = 1e30  # what protected channels score: finite in float32, above any real score
 
 
 def keep_floor(initial_width: int, min_keep_ratio: float) -> int:
@@ -31,16 +36,29 @@ def keep_floor(initial_width: int, min_keep_ratio: float) -> int:
 
 
 def protect_best(scores: Tensor, count: int) -> Tensor:
-    """A copy of ``scores`` with its ``count`` highest entries set to ``+inf``.
+    """A float32 copy of ``scores`` with its ``count`` highest entries set to :data:`PROTECTED_SCORE`.
+
+    Other entries are capped below it (so :func:`is_protected` is exact); ``nan`` stays ``nan``.
 
     Example:
-        >>> protect_best(torch.tensor([3.0, 1.0, 2.0]), 1)
-        tensor([inf, 1., 2.])
+        >>> is_protected(protect_best(torch.tensor([3.0, 1.0, 2.0]), 1)).tolist()
+        [True, False, False]
     """
-    scores = scores.clone().float()
+    scores = scores.detach().clone().float().clamp(max=PROTECTED_SCORE / 2)
+    count = min(count, scores.numel())
     if count > 0:
-        scores[torch.topk(scores, min(count, scores.numel())).indices] = float("inf")
+        scores[torch.topk(scores.nan_to_num(nan=-float("inf")), count).indices] = PROTECTED_SCORE
     return scores
+
+
+def is_protected(scores: Tensor) -> Tensor:
+    """Which channels a floor protects (scores of at least :data:`PROTECTED_SCORE`).
+
+    Example:
+        >>> is_protected(torch.tensor([1.0, 1e30])).tolist()
+        [False, True]
+    """
+    return scores >= PROTECTED_SCORE
 
 
 class LayerFloor:
@@ -73,7 +91,7 @@ class LayerFloor:
         return min(keep_floor(initial, self.min_keep_ratio), width)
 
     def __call__(self, group: Any, scores: Tensor) -> Tensor:
-        """``scores`` with the group's best :meth:`count` channels raised to ``+inf``."""
+        """``scores`` with the group's best :meth:`count` channels protected (see :func:`protect_best`)."""
         count = self.count(group) if scores.numel() == len(group[0].idxs) else 0
         return protect_best(scores, count) if count > 0 else scores
 
@@ -112,7 +130,7 @@ class FloorImportance(tp.importance.Importance):
 
 
 class RoundedFloorImportance(tp.importance.Importance):
-    """Raise a group's protected channels (``+inf`` scores) to a multiple of ``round_to`` (at least one).
+    """Raise a group's protected channels (:func:`is_protected`) to a multiple of ``round_to`` (at least one).
 
     torch-pruning's ``round_to`` rounds each layer's kept width *down*; a layer whose kept width rounds to zero is
     skipped whole, so the global ratio undershoots, and rounding down can cut into the per-layer floor. With the
@@ -120,7 +138,7 @@ class RoundedFloorImportance(tp.importance.Importance):
     and its floor.
 
     Args:
-        inner: Any torch-pruning importance (its ``+inf`` scores are its floor).
+        inner: Any torch-pruning importance (its protected scores are its floor).
         round_to: The channel multiple the pruner keeps.
 
     Example:
@@ -138,5 +156,5 @@ class RoundedFloorImportance(tp.importance.Importance):
         scores = self.inner(group)
         if scores is None or self.round_to == 1:
             return scores
-        protected = int(torch.isinf(scores).sum())
+        protected = int(is_protected(scores).sum())
         return protect_best(scores, math.ceil(max(protected, 1) / self.round_to) * self.round_to)

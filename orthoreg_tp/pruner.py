@@ -9,7 +9,7 @@ from typing import Any
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .importance import OrthoRegImportance
+from .importance import AccumulatingImportance, OrthoRegImportance
 from .metrics import prunable_channels
 from .regularizer import OrthoRegularizer
 
@@ -66,7 +66,13 @@ class OrthoRegPruner(tp.pruner.BasePruner):
         self.regularizer.update()
 
     def step(self, interactive: bool = False) -> Any:
-        """One pruning step (see ``tp.pruner.BasePruner.step``); warns if the achieved ratio misses the target."""
+        """One pruning step (see ``tp.pruner.BasePruner.step``); warns if the achieved ratio misses the target.
+
+        Raises:
+            RuntimeError: The importance (or one it wraps) has no accumulated statistics. Checked before
+                torch-pruning counts the step, so a later ``step()`` still prunes the scheduled amount.
+        """
+        self._check_accumulated()
         result = super().step(interactive=interactive)
         if not interactive:
             target = self.per_step_pruning_ratio[min(self.current_step, self.iterative_steps)]
@@ -77,6 +83,17 @@ class OrthoRegPruner(tp.pruner.BasePruner):
                     stacklevel=2,
                 )
         return result
+
+    def _check_accumulated(self) -> None:
+        imp, seen = self.importance, set()
+        while imp is not None and id(imp) not in seen:  # walk wrappers (floors, tie-breaking) down to the source
+            seen.add(id(imp))
+            if isinstance(imp, AccumulatingImportance) and len(imp.stats) == 0:
+                raise RuntimeError(
+                    f"{type(imp).__name__} has no accumulated {imp.statistic}s: call imp.accumulate(model, data) "
+                    "(or imp.accumulate_grad(model) after each backward) before pruner.step(); nothing was pruned"
+                )
+            imp = imp.__dict__.get("inner")
 
     @property
     def achieved_ratio(self) -> float:

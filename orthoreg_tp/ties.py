@@ -18,6 +18,7 @@ import torch_pruning as tp
 from torch import Tensor
 
 from . import _compat
+from .floor import is_protected
 
 RELATIVE_NUDGE = 1e-9
 ABSOLUTE_NUDGE = 1e-300  # separates exact zeros (float64 subnormals reach ~5e-324)
@@ -28,7 +29,8 @@ def break_ties(scores: Tensor, key: str) -> Tensor:
 
     Each finite score ``s`` becomes ``s + (|s| * 1e-9 + 1e-300) * u`` with ``u`` in ``[0, 1)`` drawn from a
     generator seeded by ``key`` (e.g. the layer name). Scores that differ by more than a relative ``1e-9``
-    keep their order; ``inf`` (protected channels) and ``nan`` stay as they are.
+    keep their order; floor-protected scores (:func:`~orthoreg_tp.floor.is_protected`), ``inf`` and ``nan`` stay
+    as they are.
 
     Args:
         scores: One score per channel.
@@ -45,9 +47,9 @@ def break_ties(scores: Tensor, key: str) -> Tensor:
     generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
     u = torch.rand(scores.numel(), generator=generator, dtype=torch.float64).view_as(scores).to(scores.device)
     out = scores.detach().to(torch.float64)
-    finite = torch.isfinite(out)
+    nudge = torch.isfinite(out) & ~is_protected(out)
     nudged = out + (out.abs() * RELATIVE_NUDGE + ABSOLUTE_NUDGE) * u
-    return torch.where(finite, nudged, out)
+    return torch.where(nudge, nudged, out)
 
 
 class TieBreakImportance(tp.importance.Importance):

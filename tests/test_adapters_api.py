@@ -148,7 +148,8 @@ def test_repair_freezes_the_failing_block_and_reports_it() -> None:
     hard.conv, hard.bn, hard.fc = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16, 4)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), hard).eval()
     x = torch.randn(2, 3, 12, 12)
-    report = prune(model, x, importance=_imp(), ratio=0.5)
+    with pytest.warns(UserWarning, match="kept 1 block"):
+        report = prune(model, x, importance=_imp(), ratio=0.5)
     assert any(entry.startswith("4:") for entry in report.frozen), report.frozen
     assert model[0].out_channels == 4  # pruned
     assert model[2].out_channels == 8 and hard.conv.out_channels == 16  # the block and what it reads: kept

@@ -16,7 +16,7 @@ from orthoreg_tp.engine import cli
 from orthoreg_tp.engine.config import RecipeConfig, config_from_args
 from orthoreg_tp.engine.export import ModelSpec, export_run, load_pruned, save_pruned
 from orthoreg_tp.engine.models import build_model
-from orthoreg_tp.engine.pruning import load_pruned_model, prune_step_
+from orthoreg_tp.engine.pruning import load_pruned_model, prune_round_
 from orthoreg_tp.engine.records import safe_torch_load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,8 +86,7 @@ def test_export_defaults_to_the_last_round_and_round_zero_is_dense(run_dir):
 def test_save_and_load_pruned_library_model_through_the_adapters(tmp_path):
     spec = ModelSpec("timm:test_vit", num_classes=10, in_chans=3, image_size=32)
     model = build_model(spec.model, num_classes=10)
-    step = prune_step_(model, spec.example_inputs(), tp.importance.MagnitudeImportance(p=1), ratio=0.3,
-                       adapters=True)
+    step = prune_round_(model, spec.example_inputs(), tp.importance.MagnitudeImportance(p=1), ratio=0.3)
     path = save_pruned(tmp_path / "vit", model, step.history, spec)
     loaded = load_pruned(path)
     x = torch.randn(2, 3, 32, 32)

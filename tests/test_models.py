@@ -5,7 +5,7 @@ from torch import nn
 from orthoreg_tp import find_classifier, layer_widths
 from orthoreg_tp.engine.methods import build_importance, get_method
 from orthoreg_tp.engine.models import build_model, list_models
-from orthoreg_tp.engine.pruning import count_macs_params, prune_step_
+from orthoreg_tp.engine.pruning import count_macs_params, prune_round_
 
 # Parameter counts of the CIFAR architectures (10 classes), a fingerprint of the layer configuration.
 EXPECTED_PARAMS = {"vgg13": 9_416_010, "mobilenet_v1": 3_217_226, "resnet34": 21_282_122, "resnet56": 855_770}
@@ -73,11 +73,11 @@ def test_residual_channels_removed_physically():
     widths = layer_widths(model)
     macs, params = count_macs_params(model, x)
     imp = build_importance(get_method("l1"), widths)
-    step = prune_step_(model, x, imp, ratio=0.5)
+    report = prune_round_(model, x, imp, ratio=0.5)
     after = layer_widths(model)
     # the residual stream of stage 1 (stem + both block outputs) shrinks together, for real
     assert after["stem.0"] == after["layers.0.0.conv2"] < widths["stem.0"]
     assert after["layers.1.0.conv2"] == after["layers.1.0.shortcut.0"] < widths["layers.1.0.conv2"]
     assert count_macs_params(model, x)[1] < params
     assert model(x).shape == (1, 10)
-    assert step.achieved == pytest.approx(0.5, abs=0.02)
+    assert report.channels_removed == pytest.approx(0.5, abs=0.02)

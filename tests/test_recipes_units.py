@@ -16,12 +16,14 @@ from orthoreg_tp.engine.models import build_model
 from orthoreg_tp.engine.pruning import (
     count_macs_params,
     load_pruned_model,
-    prune_step_,
+    prune_round_,
     replay_pruning_,
+    round_config,
     save_pruned_model,
 )
 from orthoreg_tp.engine.records import RunRecord, atomic_torch_save, markdown_table, safe_torch_load
 from orthoreg_tp.engine.training import LRSchedule, build_optimizer
+from orthoreg_tp.floor import is_protected
 
 X = torch.randn(1, 3, 16, 16)
 
@@ -104,16 +106,17 @@ def test_every_method_prunes_physically_under_the_floor():
         dense = layer_widths(model)
         imp = build_importance(method, dense, seed=0)
         feed_importance_(method, imp, model, batches(2), num_samples=32, progress=False)
-        prune_step_(model, X, imp, ratio=0.6)
+        prune_round_(model, X, imp, ratio=0.6)
         imp = build_importance(method, dense, seed=0)  # a new object: the floor still uses the dense widths
         feed_importance_(method, imp, model, batches(2), num_samples=32, progress=False)
-        step = prune_step_(model, X, imp, ratio=0.9)
+        with pytest.warns(UserWarning, match="per-layer floor"):
+            report = prune_round_(model, X, imp, ratio=0.9)
         widths = layer_widths(model)
         for layer, w in dense.items():
             if layer != "classifier":
                 assert widths[layer] >= int(0.05 * w) + 1, (name, layer)
         assert sum(widths.values()) < sum(dense.values()), name
-        assert step.applied < 0.9, name  # clamped to what the floor allows, instead of emptying layers
+        assert report.ratio < 0.9, name  # clamped to what the floor allows, instead of emptying layers
         assert model(X).shape == (1, 10)
 
 
@@ -128,15 +131,16 @@ def test_floor_importance_protects_best_channels():
     graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 8, 8))
     group = graph.get_pruning_group(model[0], tp.prune_conv_out_channels, list(range(40)))
     raw, scores = imp.inner(group), imp(group)
-    assert int(torch.isinf(scores).sum()) == 3  # int(0.05 * 40) + 1
-    assert set(torch.isinf(scores).nonzero().view(-1).tolist()) == set(raw.topk(3).indices.tolist())
+    assert int(is_protected(scores).sum()) == 3  # int(0.05 * 40) + 1
+    assert set(is_protected(scores).nonzero().view(-1).tolist()) == set(raw.topk(3).indices.tolist())
+    assert torch.isfinite(scores).all()
 
 
 # --------------------------------------------------------------------------- pruning history and checkpoints
 def test_replayed_history_and_saved_model_reload(tmp_path):
     model = build_model("tiny_resnet", num_classes=10).eval()
     imp = build_importance(get_method("l2"), layer_widths(model))
-    history = prune_step_(model, X, imp, ratio=0.4).history + prune_step_(model, X, imp, ratio=0.3).history
+    history = [*prune_round_(model, X, imp, ratio=0.4).history, *prune_round_(model, X, imp, ratio=0.3).history]
     save_pruned_model(tmp_path / "m.pt", model, history,
                       {"model": "tiny_resnet", "num_classes": 10, "in_chans": 3, "image_size": 16})
     loaded = load_pruned_model(tmp_path / "m.pt").eval()
@@ -150,18 +154,21 @@ def test_target_macs_search():
     model = build_model("tiny_cnn", num_classes=10)
     macs0, _ = count_macs_params(model, X)
     imp = build_importance(get_method("l1"), layer_widths(model))
-    step = prune_step_(model, X, imp, target_macs=0.5 * macs0)
+    report = prune_round_(model, X, imp, target_macs=0.5 * macs0)
     macs, _ = count_macs_params(model, X)
-    assert 0.3 * macs0 < macs <= 0.5 * macs0 and 0 < step.applied < 1
+    assert 0.95 * 0.5 * macs0 <= macs <= 0.5 * macs0 and 0 < report.ratio < 1
+    assert report.macs_after == macs and report.macs_before == macs0  # one MACs counter
 
 
-def test_prune_step_arguments():
+def test_prune_round_arguments():
     model = build_model("tiny_cnn", num_classes=10)
     imp = build_importance(get_method("l1"), layer_widths(model))
     with pytest.raises(ValueError, match="exactly one"):
-        prune_step_(model, X, imp)
-    with pytest.raises(ValueError, match="ratio"):
-        prune_step_(model, X, imp, ratio=1.0)
+        prune_round_(model, X, imp)
+    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\), got 1.0"):
+        prune_round_(model, X, imp, ratio=1.0)
+    with pytest.raises(ValueError, match="needs the current MACs"):
+        round_config(target_macs=10)
 
 
 def test_atomic_checkpoint_is_weights_only(tmp_path):
@@ -222,7 +229,7 @@ def test_pruning_mask_is_a_dry_run():
     assert mask_distance(mask, pruning_mask(model, X, imp, ratio=0.5)) == 0.0
 
 
-def test_prune_step_with_adapters_runs_under_host_fixes():
+def test_prune_round_of_a_timm_model_runs_under_host_fixes():
     # FasterNet's partial conv needs orthoreg_tp.adapters' host fixes in the graph build, step and replay.
     import timm
 
@@ -233,8 +240,8 @@ def test_prune_step_with_adapters_runs_under_host_fixes():
 
     model, x = fasternet(), torch.randn(1, 3, 32, 32)
     imp = build_importance(get_method("l1"), layer_widths(model))
-    step = prune_step_(model, x, imp, ratio=0.4, adapters=True)
-    assert 0.35 < step.achieved < 0.45 and model(x).shape == (1, 10)
-    replayed = replay_pruning_(fasternet(), x, step.history, adapters=True)
+    report = prune_round_(model, x, imp, ratio=0.4)
+    assert 0.35 < report.channels_removed < 0.45 and model(x).shape == (1, 10)
+    replayed = replay_pruning_(fasternet(), x, report.history)
     assert layer_widths(replayed) == layer_widths(model)
     assert torch.allclose(replayed(x), model(x), atol=1e-5)

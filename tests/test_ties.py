@@ -6,7 +6,7 @@ from torch import nn
 
 from orthoreg_tp import FloorImportance, TieBreakImportance, layer_widths, prunable_channels
 from orthoreg_tp.engine.models import build_model
-from orthoreg_tp.engine.pruning import prune_step_
+from orthoreg_tp.engine.pruning import prune_round_
 from orthoreg_tp.ties import break_ties
 
 X = torch.randn(1, 3, 16, 16)
@@ -49,11 +49,11 @@ def test_tied_scores_overshoot_in_plain_global_ranking_but_not_with_tie_breaking
     assert round(achieved * total) == total - int(total * 0.7)  # exactly torch-pruning's own count
 
 
-def test_prune_step_hits_the_ratio_with_tied_scores(tiny_cnn):
+def test_prune_round_hits_the_ratio_with_tied_scores(tiny_cnn):
     model = bn_net(tiny_cnn)
     imp = FloorImportance(tp.importance.BNScaleImportance(normalizer=None), layer_widths(model))
-    step = prune_step_(model, X, imp, ratio=0.3)
-    assert abs(step.achieved - 0.3) < 0.01
+    report = prune_round_(model, X, imp, ratio=0.3)
+    assert abs(report.channels_removed - 0.3) < 0.01
     assert model(X).shape == (1, 10)
 
 
@@ -65,10 +65,10 @@ def test_tie_break_delegates_to_the_wrapped_importance():
 def test_round_to_keeps_multiples_and_reaches_the_ratio():
     model = build_model("tiny_resnet", num_classes=10)
     imp = FloorImportance(tp.importance.MagnitudeImportance(p=1, normalizer=None), layer_widths(model))
-    step = prune_step_(model, X, imp, ratio=0.3, round_to=8)
+    report = prune_round_(model, X, imp, ratio=0.3, round_to=8)
     widths = layer_widths(model)
     assert all(w % 8 == 0 for name, w in widths.items() if name != "fc"), widths
-    assert 0.3 - 1e-6 <= step.achieved < 0.45  # rounding down overshoots by less than a multiple per layer
+    assert 0.3 - 1e-6 <= report.channels_removed < 0.45  # rounding down overshoots by less than a multiple per layer
     assert model(X).shape == (1, 10)
 
 
@@ -96,7 +96,7 @@ def test_per_layer_normalizer_spreads_magnitude_pruning_across_layers():
                               nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                               nn.Linear(32, 10))
         dense = layer_widths(model)
-        prune_step_(model, X, build_importance(get_method("l1"), dense, normalizer=normalizer), ratio=0.5)
+        prune_round_(model, X, build_importance(get_method("l1"), dense, normalizer=normalizer), ratio=0.5)
         return [layer_widths(model)[k] / dense[k] for k in ("0", "2", "4")]
 
     raw, mean = kept_fractions(None), kept_fractions("mean")

@@ -18,34 +18,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _compat
-from .pruning import build_pruner, plan_pruning
+from ..adapters import prune
+from .pruning import round_config
 
 Mask = dict[str, Tensor]
 
 
-def pruning_mask(model: nn.Module, example_inputs: Tensor, importance: Any, *, ratio: float,
-                 adapters: bool = False, seed: int = 0) -> Mask:
-    """The keep-mask (``True`` = kept) of every prunable group's root layer under a dry-run pruning step.
+def pruning_mask(model: nn.Module, example_inputs: Tensor, importance: Any, *, ratio: float, seed: int = 0) -> Mask:
+    """The keep-mask (``True`` = kept) of every ranked group's root layer under a dry-run pruning round.
 
-    The model is not changed (its train/eval mode is restored).
+    A dry run of the one pruning path (:func:`orthoreg_tp.adapters.prune` with ``dry_run=True``): the channels
+    a round at ``ratio`` would remove, read from its history. The model is left unchanged (restored in place).
 
     Example:
         >>> mask = pruning_mask(model, x, importance, ratio=0.5)  # doctest: +SKIP
     """
-    was_training = model.training
-    torch.manual_seed(seed)
-    pruner, _ = build_pruner(model, example_inputs, importance, ratio=ratio, adapters=adapters)
-    mask: Mask = {}
-    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                          root_module_types=pruner.root_module_types):
-        width = _compat.current_width(group)
-        if width:
-            mask[_compat.layer_name(group, group[0].dep.target.module)] = torch.ones(width, dtype=torch.bool)
-    for name, is_out, idxs in plan_pruning(pruner):
+    report = prune(model, example_inputs, importance=importance, config=round_config(ratio=ratio, seed=seed,
+                                                                                      dry_run=True))
+    mask: Mask = {name: torch.ones(width, dtype=torch.bool) for name, width in report.prunable_layers.items() if width}
+    for name, is_out, idxs in report.history:
         if is_out and name in mask:
             mask[name][idxs] = False
-    model.train(was_training)
     return mask
 
 

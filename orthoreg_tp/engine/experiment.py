@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..adapters import replay
 from ..metrics import layer_widths, mean_orthonormality
 from ..regularizer import OrthoRegularizer, find_classifier
 from .config import RecipeConfig
@@ -45,7 +46,7 @@ from .distributed import (
 from .export import ModelSpec, save_pruned
 from .methods import build_importance, feed_importance_, get_method
 from .models import build_model
-from .pruning import count_macs_params, prune_step_, replay_pruning_, save_pruned_model, uses_adapters
+from .pruning import count_macs_params, prune_round_, save_pruned_model
 from .records import RunRecord, plot_results, safe_torch_load
 from .training import build_optimizer, evaluate, set_lr, train_one_epoch
 
@@ -102,7 +103,6 @@ class Experiment:
         info = self.data_info
         self.model = build_model(cfg.model, num_classes=info.num_classes, in_chans=info.in_chans).to(self.device)
         self.example_inputs = torch.randn(1, info.in_chans, info.image_size, info.image_size, device=self.device)
-        self.adapters = uses_adapters(cfg.model)
         self.dense_widths = layer_widths(self.model)
         self.dense_macs, self.dense_params = count_macs_params(self.model, self.example_inputs)
         head = find_classifier(self.model)
@@ -247,18 +247,19 @@ class Experiment:
         if self._begin_stage() is None:
             return
         self.feed_importance()
-        step = prune_step_(self.model, self.example_inputs, self.importance, ratio=ratio,
-                           target_macs=target_macs, adapters=self.adapters, round_to=self.cfg.round_to,
-                           seed=self.cfg.seed + round_index)
-        check_same_on_all_ranks(step.history, what=f"round {round_index}'s pruning")
-        self.state["history"] += step.history
-        self.state["remaining"] *= 1.0 - step.achieved
+        report = prune_round_(self.model, self.example_inputs, self.importance, ratio=ratio,
+                              target_macs=target_macs, round_to=self.cfg.round_to, seed=self.cfg.seed + round_index)
+        history = [list(e) for e in report.history]
+        check_same_on_all_ranks(history, what=f"round {round_index}'s pruning")
+        self.state["history"] += history
+        self.state["remaining"] *= 1.0 - report.channels_removed
         after = evaluate(self.model, self.test_loader, device=self.device, amp=self.amp)
-        self.state["last_prune"] = {"requested": step.requested, "applied": step.applied,
-                                    "achieved": step.achieved, "acc_after_prune": after["acc"]}
+        requested = report.ratio if ratio is None else ratio
+        self.state["last_prune"] = {"requested": requested, "applied": report.ratio,
+                                    "achieved": report.channels_removed, "acc_after_prune": after["acc"]}
         logger.info("round %d: pruned %.2f%% of current channels (asked %.2f%%), %.2f%% of the dense model "
-                    "gone; accuracy before retraining %.2f", round_index, 100 * step.achieved,
-                    100 * step.requested, 100 * (1 - self.remaining), after["acc"])
+                    "gone; accuracy before retraining %.2f", round_index, 100 * report.channels_removed,
+                    100 * requested, 100 * (1 - self.remaining), after["acc"])
         self._end_stage()
 
     def record_round(self, round_index: int, *, target: float | None, **extra: Any) -> None:
@@ -334,7 +335,7 @@ class Experiment:
         if changed:
             raise ValueError(f"--resume with different settings than the checkpoint in {self.cfg.output_dir!r}: "
                              + ", ".join(f"{k}={now[k]!r} (was {saved.get(k)!r})" for k in changed))
-        replay_pruning_(self.model, self.example_inputs, ckpt["state"]["history"], adapters=self.adapters)
+        replay(self.model, self.example_inputs, ckpt["state"]["history"])
         self.model.load_state_dict(ckpt["model"])
         self.state = ckpt["state"]
         self._optimizer_state = ckpt["optimizer"]

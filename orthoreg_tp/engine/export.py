@@ -92,10 +92,10 @@ def rebuild_pruned(spec: ModelSpec, history: Sequence[Sequence[Any]], state_dict
         >>> model(spec.example_inputs()).shape
         torch.Size([1, 10])
     """
-    from .pruning import replay_pruning_, uses_adapters
+    from ..adapters import replay
 
     model = build_model(spec.model, num_classes=spec.num_classes, in_chans=spec.in_chans)
-    replay_pruning_(model, spec.example_inputs(), [list(e) for e in history], adapters=uses_adapters(spec.model))
+    replay(model, spec.example_inputs(), [list(e) for e in history])
     if state_dict is not None:
         model.load_state_dict(dict(state_dict))
     return model

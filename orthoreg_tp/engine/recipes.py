@@ -74,7 +74,7 @@ def early_bird(cfg: RecipeConfig) -> dict[str, Any]:
         def check_mask(epoch: int) -> bool:
             exp.feed_importance()
             mask = pruning_mask(exp.model, exp.example_inputs, exp.importance, ratio=ratio,
-                                adapters=exp.adapters, seed=cfg.seed)
+                                seed=cfg.seed)
             fired = detector.update(mask, epoch=epoch + 1)
             exp.extra["early_bird"] = detector.state_dict()
             exp.notes["early_bird"] = {"fired_epoch": detector.fired_epoch, "distances": detector.distances,

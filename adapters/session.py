@@ -1,0 +1,325 @@
+"""One pruning call's state: the snapshot, the ranking importance, the attempts and the repair loop.
+
+Every prune of the project goes through :class:`PruneSession` (via :func:`orthoreg_tp.adapters.prune`): one point
+where the pruner is built (:func:`make_pruner`), one rollback (:mod:`.transaction`, zero-copy), one MACs counter
+(:func:`.verify.checked_forward`), one budget search (:mod:`.budget`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from orthoreg_tp import _compat
+from orthoreg_tp.floor import FloorImportance, RoundedFloorImportance, is_protected
+from orthoreg_tp.ties import TieBreakImportance
+
+from .config import PruneConfig
+from .generic import LAYER_TYPES, Trace, input_producers, looks_like_attention, run_model
+from .graph import GroupExplosion
+from .pruner import adapted_pruner_class
+from .report import PruningError
+from .spec import FixupError, PruningSpec
+from .transaction import restore, snapshot
+from .verify import VerificationError, checked_forward, compare_outputs, count_params, first_non_finite_layer
+
+__all__ = ["PruneSession", "Trial", "make_pruner"]
+
+
+def make_pruner(pruner_class: type, model: nn.Module, example_inputs: Any, importance: Any, ratio: float,
+                kwargs: dict[str, Any]) -> Any:
+    """The one place where the project builds a torch-pruning pruner.
+
+    The pruner is an instance of :func:`~orthoreg_tp.adapters.pruner.adapted_pruner_class` of ``pruner_class``:
+    its dependency graph carries the work-arounds for torch-pruning's bugs, so nothing needs a context manager.
+    ``kwargs`` are already merged with the spec's; the caller runs ``spec.finalize`` after pruning.
+    """
+    robust_class = adapted_pruner_class(pruner_class)
+    return robust_class(model, example_inputs, importance=importance, pruning_ratio=ratio, **kwargs)
+
+
+class ImportanceFailure(Exception):
+    """The importance raised; ``original`` is its exception, re-raised to the caller once the model is restored."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+class StepError(RuntimeError):
+    """torch-pruning failed while building its graph or pruning; ``layer`` names the group being handled."""
+
+    def __init__(self, reason: str, layer: str | None) -> None:
+        super().__init__(reason)
+        self.layer = layer
+
+
+class _Guarded:
+    """Calls the ranking importance, remembering the group's root and marking the importance's own errors."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.current: Any = None
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        self.current = group[0].dep.target.module
+        try:
+            return self.inner(group)
+        except Exception as exc:
+            raise ImportanceFailure(exc) from exc
+
+
+def ranking_importance(importance: Any, cfg: PruneConfig, round_to: int) -> Any:
+    """``importance`` behind the floor (unless it has one), the rounded floor and tie-breaking."""
+    imp = importance
+    if cfg.min_keep_ratio is not None and getattr(importance, "floor", None) is None:
+        imp = FloorImportance(imp, min_keep_ratio=cfg.min_keep_ratio)
+    if round_to > 1:
+        imp = RoundedFloorImportance(imp, round_to)
+    return imp if isinstance(imp, TieBreakImportance) else TieBreakImportance(imp)
+
+
+@dataclass
+class Ranking:
+    """What the ranking sees before pruning: channels, those the floor protects, the groups' roots."""
+
+    scored: int = 0  # channels torch-pruning ranks (channel groups counted once)
+    protected: int = 0  # of those, the ones the floor protects
+    prunable: int = 0  # _compat.prunable_channel_count: the base of the achieved ratio
+    layers: dict[str, int] = field(default_factory=dict)
+    caps: dict[Any, float] = field(default_factory=dict)  # root module -> largest ratio its floor allows
+
+    def removable(self, ratio: float) -> int:
+        """Channels torch-pruning's global ranking selects at ``ratio``."""
+        return self.scored - int(self.scored * (1.0 - ratio))
+
+    def largest_ratio(self) -> float:
+        """The largest ratio that never selects a protected channel."""
+        free = self.scored - self.protected
+        return 0.0 if free < 1 else (free - 0.5) / self.scored
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One pruning attempt that passed verification."""
+
+    ratio: float
+    macs: int
+    params: int
+    channels_after: int
+    history: tuple[list, ...]
+
+
+class PruneSession:
+    """Prunes one model for one call; every attempt starts from the snapshot taken here.
+
+    Args:
+        model: The model (pruned in place).
+        example_inputs: Inputs for tracing and verification.
+        importance: The user's importance (wrapped by :func:`ranking_importance`).
+        cfg: The call's options.
+        spec: The model's spec (built once per call).
+        reference: The unpruned model's trace.
+        unpack: The calling convention for tuple inputs.
+        pruner_class: torch-pruning pruner class.
+        pruner_kwargs: The user's extra pruner arguments (merged with the spec's).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, importance: Any, cfg: PruneConfig,
+                 spec: PruningSpec, reference: Trace, unpack: bool | None, pruner_class: type,
+                 pruner_kwargs: dict[str, Any]) -> None:
+        self.model, self.example_inputs, self.cfg, self.spec = model, example_inputs, cfg, spec
+        self.reference, self.unpack, self.pruner_class = reference, unpack, pruner_class
+        self.user_ignored = list(pruner_kwargs.pop("ignored_layers", None) or [])
+        self.pruner_kwargs = pruner_kwargs
+        self.names = {m: n for n, m in model.named_modules()}
+        self.model_class = type(model).__name__
+        self.round_to = math.lcm(cfg.round_to or 1, spec.round_to or 1)
+        self.importance = _Guarded(ranking_importance(importance, cfg, self.round_to))
+        self.snap = snapshot(model)
+        self.frozen: dict[str, str] = {}
+        self.extra_ignored: list[nn.Module] = []
+        self.frozen_classes: dict[type, int] = {}
+        self._ranking: Ranking | None = None
+
+    # ------------------------------------------------------------------ building blocks
+    @contextlib.contextmanager
+    def _seeded(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[], enabled=self.cfg.seed is not None):
+            if self.cfg.seed is not None:
+                torch.manual_seed(self.cfg.seed)
+            yield
+
+    def _kwargs(self, ratio: float, ranking: Ranking | None) -> dict[str, Any]:
+        kwargs = self.spec.pruner_kwargs()
+        kwargs["ignored_layers"] += self.user_ignored + self.extra_ignored
+        kwargs["round_to"] = self.round_to if self.round_to > 1 else None
+        kwargs["global_pruning"] = self.cfg.global_ranking
+        if ranking is not None and not self.cfg.global_ranking:
+            kwargs["pruning_ratio_dict"] = {m: min(ratio, cap) for m, cap in ranking.caps.items()}
+        for key, value in self.pruner_kwargs.items():
+            if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
+                kwargs[key] = {**kwargs[key], **value}
+            elif isinstance(value, (list, tuple)) and isinstance(kwargs.get(key), list):
+                kwargs[key] = kwargs[key] + list(value)
+            else:
+                kwargs[key] = value
+        kwargs.setdefault("forward_fn", lambda m, x: run_model(m, x, unpack=self.unpack))
+        return kwargs
+
+    def _build(self, ratio: float, ranking: Ranking | None) -> Any:
+        for p in self.model.parameters():
+            p.requires_grad_(True)  # torch-pruning traces the graph through autograd
+        try:
+            return make_pruner(self.pruner_class, self.model, self.example_inputs, self.importance, ratio,
+                               self._kwargs(ratio, ranking))
+        except ImportanceFailure:
+            raise
+        except Exception as exc:
+            layer = self.names.get(exc.module) if isinstance(exc, GroupExplosion) else None
+            raise StepError(f"torch-pruning graph build failed: {type(exc).__name__}: {exc}", layer) from exc
+
+    def ranking(self) -> Ranking:
+        """Score every ranked group once on the unpruned model (cached until a repair freezes a block)."""
+        if self._ranking is None:
+            restore(self.snap)
+            with self._seeded():
+                pruner = self._build(0.0, None)
+                self._ranking = self._rank(pruner)
+        return self._ranking
+
+    def _rank(self, pruner: Any) -> Ranking:
+        """Count ranked and protected channels as torch-pruning's next step will ."""
+        ranking = Ranking(prunable=_compat.prunable_channel_count(pruner))
+        for group, ch_groups in _compat.ranked_groups(pruner):
+            scores = pruner.estimate_importance(group)
+            if scores is None:
+                continue
+            scores = scores.detach().float().cpu()
+            per_channel = scores.view(ch_groups, -1).mean(0) if ch_groups > 1 else scores
+            protected = int(is_protected(per_channel).sum())
+            root = group[0].dep.target.module
+            ranking.scored += per_channel.numel()
+            ranking.protected += protected
+            ranking.layers[_compat.layer_name(group, root)] = _compat.current_width(group) or 0
+            ranking.caps[root] = max(0.0, 1.0 - (protected + 0.5) / max(per_channel.numel(), 1))
+        return ranking
+
+    # ------------------------------------------------------------------ attempts
+    def attempt(self, ratio: float) -> Trial:
+        """Prune the restored model at ``ratio``, finalize and verify it (raises on any failure)."""
+        ranking = self.ranking()
+        restore(self.snap)
+        with self._seeded():
+            pruner = self._build(ratio, ranking)
+            self._step(pruner)
+            channels_after = _compat.prunable_channel_count(pruner)
+        history = tuple([str(n), bool(o), [int(i) for i in idxs]] for n, o, idxs in pruner.DG.pruning_history())
+        self.spec.finalize(self.model, pruner)
+        result = checked_forward(self.model, self.example_inputs, names=self.names, unpack=self.unpack)
+        problem = compare_outputs(self.reference.outputs, result.tensors, check_shape=self.spec.check_output_shape)
+        if problem is not None:
+            layer = None
+            if "non-finite" in problem:
+                layer = first_non_finite_layer(self.model, self.example_inputs, self.names, unpack=self.unpack)
+            raise VerificationError(problem, layer)
+        return Trial(ratio, result.macs, count_params(self.model), channels_after, history)
+
+    def _step(self, pruner: Any) -> None:
+        """Prune one step, naming the group being handled on failure."""
+        current: Any = None
+        try:
+            for group in pruner.step(interactive=True):
+                current = group[0].dep.target.module
+                group.prune()
+        except ImportanceFailure:
+            raise
+        except Exception as exc:
+            module = exc.module if isinstance(exc, GroupExplosion) else current or self.importance.current
+            layer = self.names.get(module) if module is not None else None
+            raise StepError(f"torch-pruning pruning step failed: {type(exc).__name__}: {exc}", layer) from exc
+
+    def attempt_repaired(self, ratio: float) -> Trial:
+        """:meth:`attempt`, freezing the failing block and trying again (at most ``max_repairs`` times).
+
+        Raises:
+            PruningError: The attempt cannot be repaired (the model is restored).
+            Exception: The importance's own error, unchanged (the model is restored).
+        """
+        while True:
+            try:
+                return self.attempt(ratio)
+            except ImportanceFailure as err:
+                restore(self.snap)
+                raise err.original from None
+            except (StepError, VerificationError) as err:
+                restore(self.snap)
+                candidate = _freeze_candidate(self.model, err.layer, self.frozen,
+                                              layer_first=isinstance(err, StepError))
+                if candidate is None or sum(self.frozen_classes.values()) >= self.cfg.max_repairs:
+                    after = f" (after freezing {', '.join(self.frozen)})" if self.frozen else ""
+                    raise PruningError(self.model_class, err.layer, f"{err}{after}") from err
+                self.freeze(candidate, f"{type(err).__name__}: {err}"[:300])
+            except FixupError as err:
+                restore(self.snap)
+                raise PruningError(self.model_class, err.layer, str(err)) from err
+
+    def freeze(self, name: str, reason: str) -> None:
+        """Keep block ``name`` (and what it reads) unpruned in later attempts."""
+        module = self.model.get_submodule(name)
+        cls = type(module)
+        seen = self.frozen_classes.get(cls, 0)
+        self.frozen_classes[cls] = seen + 1
+        targets = [(name, module)]
+        if seen and looks_like_attention(module):
+            # a second attention block of the same class failed: freeze the whole class at once
+            targets = [(n, m) for n, m in self.model.named_modules() if type(m) is cls and n not in self.frozen]
+            reason = f"every {cls.__name__} ({len(targets)} more): {reason}"
+        for n, m in targets:
+            self.frozen[n] = reason
+            self.extra_ignored.extend(x for x in m.modules() if isinstance(x, LAYER_TYPES))
+        # pin what the blocks read too: a failing block usually misreads its input width
+        self.extra_ignored.extend(
+            input_producers(self.model, [m for _, m in targets], self.example_inputs, unpack=self.unpack)
+        )
+        self._ranking = None  # fewer groups to rank now
+
+    # ------------------------------------------------------------------ diagnosis
+    def why_nothing(self, ratio: float) -> str:
+        """Why pruning at ``ratio`` removed no channel."""
+        ranking = self.ranking()
+        frozen = f"; frozen after failed attempts: {', '.join(self.frozen)}" if self.frozen else ""
+        if ranking.scored == 0:
+            return ("nothing prunable: no layer is left to rank (every layer is ignored, an output layer, frozen "
+                    f"or unscored by the importance){frozen}")
+        if ranking.scored == ranking.protected:
+            return (f"the per-layer floor is reached: all {ranking.scored} ranked channels are protected "
+                    f"(min_keep_ratio={self.cfg.min_keep_ratio!r}){frozen}")
+        if ranking.removable(ratio) == 0:
+            return f"ratio {ratio:.4g} of {ranking.scored} ranked channels rounds to zero channels"
+        return (f"torch-pruning removed no channel at ratio {ratio:.4g} (round_to={self.round_to} may exceed what "
+                f"the layers can lose){frozen}")
+
+
+def _freeze_candidate(model: nn.Module, layer: str | None, frozen: dict[str, str], *, layer_first: bool) -> str | None:
+    """Qualified name of the module to freeze after a failure located at ``layer`` (``None``: give up)."""
+    if not layer:
+        return None
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        return None
+    name = layer
+    if not layer_first and not any(isinstance(m, LAYER_TYPES) for m in module.modules() if m is not module):
+        name = layer.rpartition(".")[0]  # a leaf: freeze the block around it
+    while name in frozen:
+        if not name:
+            return None
+        name = name.rpartition(".")[0]
+    return name or None
