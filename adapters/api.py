@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import fields
+from collections.abc import Callable, Sequence
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .budget import BudgetUnreachable, search_ratio
-from .config import TARGET_KINDS, PruneConfig
+from .config import AUTO_ROUND_TO, TARGET_KINDS, PruneConfig
 from .generic import Trace, call_style, describe_modules, input_producers, run_model, trace_outputs
+from .latency import LatencyProbe
 from .opaque import describe_opaque_parameters, describe_tied_parameters
 from .registry import AdapterContext, ModelAdapter, model_adapters
 from .report import PruneReport, PruningError
@@ -196,12 +197,14 @@ def prune(
         example_inputs: Inputs for tracing and verification (tensor, tuple/list of positional inputs, dict).
         importance: A torch-pruning importance (e.g. ``orthoreg_tp.OrthoRegImportance`` after accumulation).
         ratio: Fraction of the prunable channels to remove, in ``[0, 1)``.
-        target: ``(kind, fraction)``: keep at most ``fraction`` of the ``"macs"`` or ``"params"`` (the ratio
-            is searched; each trial starts from the restored original).
+        target: ``(kind, fraction)``: keep at most ``fraction`` of the ``"macs"``, ``"params"`` or ``"latency"``
+            (the ratio is searched; each trial starts from the restored original; latency is timed on the
+            inputs' device and batch against a copy of the unpruned model, see :class:`PruneConfig`).
         config: All options at once (instead of ``ratio=``/``target=`` and the option keywords).
         spec: A spec from :func:`prepare`; built here when omitted.
         pruner_class: The torch-pruning pruner class.
-        **options: :class:`PruneConfig` fields (``global_ranking``, ``min_keep_ratio``, ``round_to``,
+        **options: :class:`PruneConfig` fields (``global_ranking``, ``min_keep_ratio``, ``round_to`` (or
+            ``"auto"``: the fastest of 1, 8, 16, 32),
             ``tolerance``, ``max_ratio``, ``max_repairs``, ``dry_run``, ``seed``; torch-pruning's
             ``global_pruning`` is read as ``global_ranking``); everything else goes to the pruner
             (``ignored_layers``, ``num_heads``...; lists and dicts are merged with the spec's).
@@ -236,15 +239,27 @@ def prune(
         unpack, ref = _reference_forward(model, example_inputs)
         if spec is None:
             spec = _build_spec(model, example_inputs, unpack, ref, freeze_unhandled=True)
-        session = PruneSession(model, example_inputs, importance, cfg, spec, ref, unpack, pruner_class,
-                               pruner_kwargs)
+        probe = LatencyProbe(model, example_inputs, cfg) if _measures_latency(cfg) else None
+
+        def session_for(round_to: int | None) -> PruneSession:
+            return PruneSession(model, example_inputs, importance, replace(cfg, round_to=round_to), spec, ref, unpack,
+                                pruner_class, dict(pruner_kwargs))
+
+        session = None
         try:
-            applied, trial, trials = _run(session, cfg, ref.macs, params_before)
+            candidates: dict[int, float] = {}
+            round_to = cfg.round_to
+            if round_to == "auto":
+                round_to, candidates = _fastest_round_to(session_for, probe, ref.macs, params_before)
+            session = session_for(round_to)
+            applied, trial, trials = _run(session, ref.macs, params_before, probe)
+            latency = probe.report(model, candidates) if probe is not None else None
             widths_after = layer_widths(model)
             if cfg.dry_run:
                 restore(session.snap)
         except BaseException:
-            restore(session.snap)
+            if session is not None:
+                restore(session.snap)
             _restore_grad_flags(model, grad_flags)
             raise
     _restore_grad_flags(model, grad_flags)
@@ -274,13 +289,37 @@ def prune(
         requested_ratio=cfg.ratio,
         dry_run=cfg.dry_run,
         config=cfg.to_dict(),
+        latency=latency,
     )
 
 
-def _run(session: PruneSession, cfg: PruneConfig, macs_before: int,
-         params_before: int) -> tuple[float, Trial, list[tuple[float, float]]]:
+def _measures_latency(cfg: PruneConfig) -> bool:
+    return cfg.round_to == "auto" or (cfg.target is not None and cfg.target[0] == "latency")
+
+
+def _fastest_round_to(session_for: Callable[[int], PruneSession], probe: LatencyProbe, macs_before: int,
+                      params_before: int) -> tuple[int, dict[int, float]]:
+    """Prune with each of :data:`AUTO_ROUND_TO` (restoring after each): the fastest multiple and every ratio."""
+    candidates: dict[int, float] = {}
+    error: PruningError | None = None
+    for multiple in AUTO_ROUND_TO:
+        session = session_for(multiple)
+        try:
+            _run(session, macs_before, params_before, probe)
+            candidates[multiple] = probe.measure(session.model)[0]
+        except PruningError as err:  # e.g. a budget no multiple-of-32 width can reach
+            error = err
+        finally:
+            restore(session.snap)
+    if not candidates:
+        raise error if error is not None else PruningError(probe.model_class, None, "no round_to candidate")
+    return min(candidates, key=lambda m: (candidates[m], m)), candidates
+
+
+def _run(session: PruneSession, macs_before: int, params_before: int,
+         probe: LatencyProbe | None) -> tuple[float, Trial, list[tuple[float, float]]]:
     """Prune by ratio or budget: ``(ratio used, the kept trial, (ratio, kept fraction) of every trial)``."""
-    model_class = session.model_class
+    cfg, model_class = session.cfg, session.model_class
     try:
         ranking = session.ranking()
     except ImportanceFailure as err:
@@ -306,13 +345,19 @@ def _run(session: PruneSession, cfg: PruneConfig, macs_before: int,
 
     def measure(r: float) -> float:
         kept[r] = session.attempt_repaired(r)
+        if kind == "latency":
+            return probe.measure(session.model)[0]
         return (kept[r].macs if kind == "macs" else kept[r].params) / max(base, 1)
 
     try:
         applied, trials = search_ratio(measure, goal, cfg.tolerance, min(cfg.max_ratio, limit),
                                        what=f"{kind} budget")
     except BudgetUnreachable as err:
-        raise PruningError(model_class, None, str(err)) from err
+        under = [r for r, f in err.trials if f <= goal]
+        if kind != "latency" or not under:
+            raise PruningError(model_class, None, str(err)) from err
+        applied, trials = min(under), err.trials  # noisy timings: the least-pruned trial within the budget
+        return applied, session.attempt_repaired(applied), trials
     return applied, kept[applied], trials
 
 

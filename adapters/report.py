@@ -51,6 +51,9 @@ class PruneReport:
         requested_ratio: The ratio asked for (``None`` for a budget); ``ratio`` is lower when the floor capped it.
         dry_run: The model was restored after computing all of this.
         config: :meth:`PruneConfig.to_dict` of the options used.
+        latency: When latency was measured (a latency budget or ``round_to="auto"``): ``dense`` and ``pruned``
+            (:class:`~orthoreg_tp.latency.LatencyMeasurement` dictionaries, timed interleaved), their ``ratio``,
+            and for ``round_to="auto"`` the ``candidates`` tried (``{round_to: latency ratio}``).
     """
 
     model_class: str
@@ -73,6 +76,7 @@ class PruneReport:
     requested_ratio: float | None = None
     dry_run: bool = False
     config: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] | None = None
 
     @property
     def params_fraction(self) -> float:

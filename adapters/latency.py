@@ -1,0 +1,67 @@
+"""Latency of a model being pruned, measured against a frozen copy of it as it was before pruning."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from orthoreg_tp.latency import LatencyMeasurement, compare_latency
+
+from .config import PruneConfig
+
+__all__ = ["LatencyProbe", "latency_inputs"]
+
+
+def latency_inputs(example_inputs: Any, batch_size: int | None) -> Any:
+    """``example_inputs`` repeated along dim 0 to ``batch_size`` (tensor inputs only; ``None``: unchanged).
+
+    Raises:
+        ValueError: ``batch_size`` given for inputs that are not a tensor or a tuple/list of tensors.
+
+    Example:
+        >>> latency_inputs(torch.zeros(1, 3, 8, 8), 4).shape
+        torch.Size([4, 3, 8, 8])
+    """
+    if batch_size is None:
+        return example_inputs
+    if isinstance(example_inputs, torch.Tensor):
+        reps = (-(-batch_size // example_inputs.shape[0]),) + (1,) * (example_inputs.dim() - 1)
+        return example_inputs.repeat(*reps)[:batch_size]
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return type(example_inputs)(latency_inputs(t, batch_size) for t in example_inputs)
+    raise ValueError(
+        f"latency_batch_size needs tensor example inputs, got {type(example_inputs).__name__}; time the inputs as "
+        "given (latency_batch_size=None) or pass a batch of the size to time"
+    )
+
+
+class LatencyProbe:
+    """Times the model being pruned against a copy of it taken at construction (interleaved, same inputs).
+
+    Args:
+        model: The unpruned model (copied once; the copy is never pruned).
+        example_inputs: The inputs of the pruning call.
+        cfg: The call's options (repeats, warm-up, batch size).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, cfg: PruneConfig) -> None:
+        self.model_class = type(model).__name__
+        self.dense = copy.deepcopy(model)
+        self.inputs = latency_inputs(example_inputs, cfg.latency_batch_size)
+        self.repeats, self.warmup = cfg.latency_repeats, cfg.latency_warmup
+
+    def measure(self, model: nn.Module) -> tuple[float, LatencyMeasurement, LatencyMeasurement]:
+        """``(pruned / dense median latency, dense measurement, pruned measurement)``."""
+        dense, pruned = compare_latency([self.dense, model], self.inputs, repeats=self.repeats, warmup=self.warmup)
+        return pruned.median_ms / max(dense.median_ms, 1e-9), dense, pruned
+
+    def report(self, model: nn.Module, candidates: dict[int, float]) -> dict[str, Any]:
+        """What :class:`~orthoreg_tp.adapters.PruneReport` records: both measurements, their ratio, candidates."""
+        ratio, dense, pruned = self.measure(model)
+        out: dict[str, Any] = {"dense": dense.to_dict(), "pruned": pruned.to_dict(), "ratio": ratio}
+        if candidates:
+            out["candidates"] = {str(k): v for k, v in candidates.items()}
+        return out
