@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch_pruning as tp
+from orthoreg_tp.adapters import replay
 from torch import nn
 
 from orthoreg_tp import layer_widths
@@ -17,7 +18,6 @@ from orthoreg_tp.engine.pruning import (
     count_macs_params,
     load_pruned_model,
     prune_round_,
-    replay_pruning_,
     round_config,
     save_pruned_model,
 )
@@ -146,7 +146,7 @@ def test_replayed_history_and_saved_model_reload(tmp_path):
     loaded = load_pruned_model(tmp_path / "m.pt").eval()
     assert layer_widths(loaded) == layer_widths(model)
     assert torch.allclose(loaded(X), model(X), atol=1e-6)
-    dense = replay_pruning_(build_model("tiny_resnet", num_classes=10), X, history)
+    dense = replay(build_model("tiny_resnet", num_classes=10), X, history)
     assert layer_widths(dense) == layer_widths(model)
 
 
@@ -242,6 +242,6 @@ def test_prune_round_of_a_timm_model_runs_under_host_fixes():
     imp = build_importance(get_method("l1"), layer_widths(model))
     report = prune_round_(model, x, imp, ratio=0.4)
     assert 0.35 < report.channels_removed < 0.45 and model(x).shape == (1, 10)
-    replayed = replay_pruning_(fasternet(), x, report.history)
+    replayed = replay(fasternet(), x, report.history)
     assert layer_widths(replayed) == layer_widths(model)
     assert torch.allclose(replayed(x), model(x), atol=1e-5)
