@@ -44,7 +44,7 @@ def test_ratio_outside_unit_interval_is_rejected(ratio: object) -> None:
         prune(model, x, importance=_imp(), ratio=ratio)
 
 
-@pytest.mark.parametrize("target", [("flops", 0.5), ("latency", 0.3)])
+@pytest.mark.parametrize("target", [("flops", 0.5), ("energy", 0.3)])
 def test_unknown_target_kind_is_rejected(target: tuple) -> None:
     model, x = _resnet()
     with pytest.raises(ValueError, match="unknown target kind"):

@@ -196,7 +196,7 @@ def test_prune_config_round_trip_and_validation():
     assert cfg.target == ("params", 0.4) and PruneConfig.from_dict(cfg.to_dict()) == cfg
     for kwargs, match in [
         (dict(ratio=0.5, min_keep_ratio=1.0), r"min_keep_ratio must be in \[0, 1\) or None, got 1.0"),
-        (dict(ratio=0.5, round_to=0), "round_to must be a positive integer or None, got 0"),
+        (dict(ratio=0.5, round_to=0), "round_to must be a positive integer, .auto. or None, got 0"),
         (dict(ratio=0.5, tolerance=0.0), r"tolerance must be in \(0, 1\), got 0.0"),
         (dict(ratio=0.5, max_repairs=-1), "max_repairs must be a non-negative int, got -1"),
         (dict(ratio=0.5, global_ranking="yes"), "global_ranking must be True or False, got 'yes'"),
