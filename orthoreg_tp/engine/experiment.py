@@ -399,7 +399,7 @@ class Experiment:
                 raise ValueError(f"--resume: {self.cfg.output_dir!r} holds results but no checkpoint.pt, so there is "
                                  "nothing to resume; choose another --output-dir")
             return None
-        ckpt = safe_torch_load(path, map_location=self.device)
+        ckpt = safe_torch_load(path, map_location="cpu")  # before the device is set up; copied over on load
         if not isinstance(ckpt, dict) or not {"config", "model", "state"} <= set(ckpt):
             raise CheckpointError(f"{str(path)!r} is not a run checkpoint of orthoreg_tp (expected keys config, "
                                   "model, state)")
