@@ -94,7 +94,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():
+        if "unsupported global" in str(err).lower():
             raise CheckpointError(f"cannot load {str(path)!r}: it holds Python objects that weights_only=True "
                                   "refuses to unpickle (save a state dict of tensors instead)") from err
         raise CheckpointError(f"cannot load {str(path)!r}: corrupt or truncated file "
