@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from orthoreg_tp import layer_widths

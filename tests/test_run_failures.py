@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 from PIL import Image
+from test_recipes import ITERATIVE, REPO, TINY, load_recipe
 
 import orthoreg_tp.engine.experiment as experiment
 from orthoreg_tp.engine.data import build_datasets
 from orthoreg_tp.engine.records import summary_table
-from test_recipes import ITERATIVE, REPO, TINY, load_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -190,6 +190,7 @@ def test_summary_table_latency_column():
 
 
 # --------------------------------------------------------------------------- signals
+@pytest.mark.slow  # a subprocess: interpreter start-up plus one epoch
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_cleanly_and_says_how_to_resume(tmp_path, sig, code):
     out = tmp_path / "run"
@@ -236,6 +237,7 @@ def test_compare_refuses_mixed_runs_and_plots_next_to_them(tmp_path, capsys, mon
     assert "plot: " in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a subprocess importing torch and matplotlib
 def test_compare_survives_a_closed_pipe(tmp_path):
     a, b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b", method="random")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
