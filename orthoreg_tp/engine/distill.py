@@ -4,10 +4,11 @@ The loss mixes the hard-label cross-entropy with the KL divergence between the t
 tempered distributions: ``(1 - alpha) * CE(s, y) + alpha * T**2 * KL(softmax(t / T) || softmax(s / T))``.
 The ``T**2`` factor keeps the soft term's gradients on the scale of the hard term's when ``T`` changes.
 
-Defaults ``alpha = 0.5`` and ``T = 4``: an equal mix of hard and soft targets at a temperature high enough to
-expose the teacher's ranking of the wrong classes (the "dark knowledge"), the values most KD recipes start from
-(Hinton et al. report good results for T in 2-20; T = 4 is the usual CIFAR/ImageNet default, e.g. of
-torchdistill's and fasterai's KD losses).
+Defaults ``alpha = 0.5`` and ``T = 4``: an equal mix of hard and soft targets (neither signal dominates when
+nothing is known about the task), at a temperature high enough to expose the teacher's ranking of the wrong
+classes (the "dark knowledge") without flattening it. T = 4 is the KD temperature of the widely used CIFAR
+distillation benchmark code of Tian et al. (RepDistiller, "Contrastive Representation Distillation", ICLR 2020:
+``--kd_T 4``); Hinton et al. report good results over a range of temperatures.
 
 Example:
     >>> s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[2.0, 0.0]])
