@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     train(model, train_loader, args.finetune_epochs, args.lr / 5, None, "fine-tune")
     rows["fine-tuned"] = measure(model, test_loader, example)
 
-    seconds = time.perf_counter() - start  # measured by this run, data loading included
+    seconds = round(time.perf_counter() - start, 2)  # measured by this run, data loading included
     print(f"\nOrthoReg on digits ({args.model}, {args.image_size}x{args.image_size}): removed {achieved:.1%} of "
           f"{channels} filters in {seconds:.0f} s ({threads} CPU thread{'s' if threads > 1 else ''})")
     print(f"{'stage':<11} {'test acc %':>10} {'params':>9} {'MACs':>11} {'orthonormality':>15}")
@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                           "achieved_ratio": achieved, "seconds": round(seconds, 2),
+                                           "achieved_ratio": achieved, "seconds": seconds,
                                            "threads": threads, "rows": rows}, indent=2))
     return rows
 

@@ -159,3 +159,27 @@ def test_label_smoothing_is_the_training_loss():
 def test_new_options_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RecipeConfig(**kwargs).validate()
+
+
+@pytest.mark.slow  # two processes under torchrun (gloo)
+def test_distill_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_recipes import REPO
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "recipes" / "iterative.py"), *TINY, "--method", "l1", "--prune-percent", "50", "--distill",
+           "--phase", "base=0.1:2", "--phase", "retrain=0.1:2", "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["rows"][1]["test_acc"] > 30.0
+    teacher = safe_torch_load(out / "checkpoint.pt")["teacher"]
+    before_prune = safe_torch_load(out / "model_round0.pt")["model"]
+    assert all(torch.equal(teacher[k], v) for k, v in before_prune.items())
+    assert [json.loads(line)["distilled"] for line in (out / "epochs.jsonl").read_text().splitlines()] == \
+        [False, False, True, True]

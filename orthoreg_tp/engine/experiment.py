@@ -5,6 +5,12 @@ with an atomic checkpoint; training stages also checkpoint after every epoch. Wi
 runs the same sequence again: stages the checkpoint already holds are skipped, the interrupted one continues
 from its last completed epoch, so ``results.json`` gets exactly the rows of an uninterrupted run.
 
+A run starts from random weights, timm / torchvision pretrained weights (``pretrained``) or a checkpoint file
+(``checkpoint``; see :mod:`orthoreg_tp.engine.weights`); the starting model's test accuracy is recorded as
+``initial_test_acc`` before any training, and a trained start skips the ``base`` phase unless ``train_base``.
+With ``distill``, the model as it was before the first prune is a frozen teacher for every later phase.
+Under :func:`run_cli`, SIGINT / SIGTERM stop the run between file writes and print how to resume it.
+
 Example:
     >>> with Experiment(RecipeConfig(output_dir="/tmp/demo").resolved()) as exp:  # doctest: +SKIP
     ...     exp.train("base")
