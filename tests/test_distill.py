@@ -82,5 +82,4 @@ def test_distillation_pulls_the_student_towards_the_teacher():
         train_one_epoch(s, loader, opt, device=torch.device("cpu"), progress=False, teacher=t)
         results[name] = kl(s)
     start = kl(copy.deepcopy(student))
-    print(start, results)
     assert results["kd"] < start and results["kd"] < results["ce"], (start, results)

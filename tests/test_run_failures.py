@@ -79,12 +79,15 @@ def test_broken_image_folder_exits_naming_the_file(tmp_path, capsys, damage, whe
     assert not out.exists()  # failed before anything was written
 
 
-def test_broken_training_image_stops_the_run_with_its_name(tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "2"])  # 2: the error comes back from a DataLoader worker process
+def test_broken_training_image_stops_the_run_with_its_name(tmp_path, capsys, workers):
     root = image_folder(tmp_path / "data")
     bad = root / "train" / "b" / "2.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    code, err = cli([*FOLDER_ARGS, "--data-path", str(root), "--output-dir", str(tmp_path / "run")], capsys)
-    assert code == 2 and str(bad) in one_error_line(err)
+    code, err = cli([*FOLDER_ARGS, "--workers", workers, "--data-path", str(root),
+                     "--output-dir", str(tmp_path / "run")], capsys)
+    line = one_error_line(err)
+    assert code == 2 and line.endswith(f"error: cannot read image {str(bad)!r} (OSError: Truncated File Read)"), line
 
 
 def test_unknown_tiny_imagenet_class(tmp_path, capsys):
