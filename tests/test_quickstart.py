@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,18 @@ def test_quickstart_trains_prunes_and_recovers(tmp_path, capsys):
     assert rows["fine-tuned"]["acc"] > 40.0
     record = json.loads(out.read_text())
     assert record["achieved_ratio"] == pytest.approx(0.5, abs=0.01)
-    assert "fine-tuned" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "fine-tuned" in printed
+    # the time printed is the run's own measurement, and the thread count it ran with (1 on small CPUs)
+    assert f"in {record['seconds']:.0f} s ({record['threads']} CPU thread" in printed and record["seconds"] > 0
+    if (os.cpu_count() or 1) <= 4:
+        assert record["threads"] == 1
+
+
+def test_quickstart_rejects_bad_threads():
+    qs = load_quickstart()
+    with pytest.raises(SystemExit, match="--threads must be >= 1"):
+        qs.main(qs.get_args_parser().parse_args(["--threads", "0"]))
 
 
 def test_quickstart_rejects_bad_ratio():

@@ -112,7 +112,7 @@ def early_bird_parser(parser: ArgumentParser | None = None) -> ArgumentParser:
 
 
 def compare_parser(parser: ArgumentParser | None = None) -> ArgumentParser:
-    """The ``compare`` options: run folders, ``--plot``, ``--csv``, ``--title``.
+    """The ``compare`` options: run folders, ``--plot``, ``--mixed``, ``--csv``, ``--title``.
 
     Example:
         >>> compare_parser().parse_args(["runs/a", "runs/b"]).runs
@@ -121,7 +121,9 @@ def compare_parser(parser: ArgumentParser | None = None) -> ArgumentParser:
     if parser is None:
         parser = ArgumentParser(description=COMPARE_HELP)
     parser.add_argument("runs", nargs="+", help="run folders (or their results.json)")
-    parser.add_argument("--plot", default="compare.png", help="PNG to write (accuracy vs pruned %% and MACs)")
+    parser.add_argument("--plot", default=None,
+                        help="PNG to write (accuracy vs pruned %% and MACs); default: compare.png next to the runs")
+    parser.add_argument("--mixed", action="store_true", help="allow runs of different datasets or models")
     parser.add_argument("--csv", default=None, help="also write the table as CSV")
     parser.add_argument("--title", default="")
     parser.set_defaults(handler=run_compare)
@@ -190,12 +192,15 @@ def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         ValueError: A run has no ``results.json``.
     """
     from . import recipes
+    from .records import print_safely
 
     try:
-        rows, table = recipes.compare(args.runs, plot=args.plot, csv_path=args.csv, title=args.title)
+        rows, table, plot = recipes.compare(args.runs, plot=args.plot, csv_path=args.csv, title=args.title,
+                                            mixed=args.mixed)
     except (FileNotFoundError, KeyError) as err:
         raise ValueError(str(err)) from None
-    print(table)
+    print_safely(table)
+    print_safely(f"\nplot: {plot}")
     return rows
 
 

@@ -18,9 +18,10 @@ from typing import Any
 
 from ..floor import NORMALIZERS
 from .data import DATASETS
+from .distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from .distributed import DEVICES
 from .methods import METHODS
-from .training import LRSchedule
+from .training import LR_SHAPES, OPTIMIZERS, LRSchedule
 
 RECIPES: tuple[str, ...] = ("iterative", "early_bird")
 MAX_PERCENT = 95.0  # the per-layer floor keeps >5% of every layer, so at most 95% of filters can go
@@ -78,6 +79,10 @@ class RecipeConfig:
     download: bool = True
     image_size: int | None = None  # dataset default: 16 digits, 32 CIFAR, 64 otherwise
     in_chans: int = 3
+    # starting weights (default: random); a trained start skips the base phase unless train_base
+    pretrained: bool = False  # timm / torchvision weights (user's cache or the network)
+    checkpoint: str | None = None  # a state dict, or a pruned checkpoint of this project
+    train_base: bool = False
     # method and budget
     method: str = "orthoreg"
     prune_percent: float = 50.0  # % of filters removed at the end
@@ -97,6 +102,13 @@ class RecipeConfig:
     weight_decay: float = 1e-4  # the paper; forced to 0 in regularized phases
     coefficient: float | None = None  # lambda: 1e-3 for MobileNet-V1, 1e-2 otherwise (the paper)
     importance_samples: int | None = None
+    optimizer: str = "sgd"  # the paper's; or "adamw"
+    lr_schedule: str = "step"  # the phases' piecewise-constant rates (the paper); or "cosine" from the first rate
+    warmup_epochs: int = 0  # linear warmup at the start of every training phase
+    label_smoothing: float = 0.0
+    distill: bool = False  # the model before the first prune teaches every later phase
+    distill_alpha: float = DEFAULT_ALPHA
+    distill_temperature: float = DEFAULT_TEMPERATURE
     # execution
     workers: int | None = None  # 0 for digits (in memory), 4 otherwise
     threads: int | None = None  # CPU threads of torch (None: torch's default); 1 avoids oversubscription
@@ -145,12 +157,38 @@ class RecipeConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
+        self._validate_training()
         if self.coefficient is not None and not self.coefficient >= 0:
             raise ValueError(f"coefficient must be >= 0, got {self.coefficient!r}")
         if not 0.0 < self.eb_threshold <= 1.0 or self.eb_patience < 1:
             raise ValueError(f"eb_threshold must be in (0, 1] and eb_patience >= 1, got {self.eb_threshold!r}, "
                              f"{self.eb_patience!r}")
         return self
+
+    def _validate_training(self) -> None:
+        """Starting weights, optimizer, schedule shape, label smoothing and distillation options."""
+        if self.pretrained and self.checkpoint:
+            raise ValueError("give at most one of pretrained and checkpoint")
+        if self.pretrained and not self.model.startswith(("timm:", "torchvision:")):
+            raise ValueError(f"pretrained weights come from timm or torchvision, got model {self.model!r}; "
+                             "pass --checkpoint PATH for your own weights")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer, got {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SHAPES:
+            raise ValueError(f"unknown lr_schedule, got {self.lr_schedule!r}; choose one of {list(LR_SHAPES)}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
+
+    @property
+    def trained_start(self) -> bool:
+        """Whether the run starts from trained weights (``pretrained`` or ``checkpoint``)."""
+        return bool(self.pretrained or self.checkpoint)
 
     def resolved(self) -> RecipeConfig:
         """A validated copy with every ``None`` default filled from the preset, model and dataset."""
@@ -222,6 +260,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR")
     g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--in-chans", type=int, default=d.in_chans, choices=(1, 3))
+    g.add_argument("--pretrained", action="store_true",
+                   help="start from timm / torchvision pretrained weights (cache or network); skips base training")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="start from your weights: a state dict or a pruned checkpoint of this project "
+                        "(loaded with weights_only=True); skips base training")
+    g.add_argument("--train-base", action="store_true", help="run the base phase even from trained weights")
     g = parser.add_argument_group("method")
     g.add_argument("--method", default=d.method, choices=sorted(METHODS),
                    help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
@@ -241,6 +285,20 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="0 in regularized phases")
     g.add_argument("--coefficient", type=float, default=None, help="OrthoReg lambda")
     g.add_argument("--importance-samples", type=int, default=None)
+    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
+                   help="sgd (the paper, with --momentum) or adamw (set matching --phase rates, e.g. 1e-3)")
+    g.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SHAPES,
+                   help="step: the phases' piecewise-constant rates (the paper); cosine: from each phase's first "
+                        "rate to 0 over its epochs")
+    g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
+                   help="linear warmup epochs at the start of every training phase")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--distill", action="store_true",
+                   help="the model before the first prune is a frozen teacher in every later phase")
+    g.add_argument("--distill-alpha", type=float, default=d.distill_alpha,
+                   help="weight of the teacher's soft targets: (1-a)*CE + a*T^2*KL (default %(default)s)")
+    g.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
+                   help="softmax temperature T of the distillation (default %(default)s)")
     g = parser.add_argument_group("execution")
     g.add_argument("--output-dir", default=d.output_dir)
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")

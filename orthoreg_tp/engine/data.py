@@ -32,6 +32,13 @@ class DataUnavailableError(FileNotFoundError):
     """A dataset is neither on disk nor downloadable; the message says how to point ``--data-path`` at it."""
 
 
+class DataError(ValueError):
+    """A dataset on disk is broken: an empty class folder, an unreadable image, an unknown class name.
+
+    The message names the file or folder.
+    """
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model needs to know about a dataset.
@@ -94,12 +101,13 @@ def build_datasets(
     return _image_folder(Path(data_path), image_size or 64)
 
 
-def paper_transforms(*, train: bool, image_size: int = 32):
+def paper_transforms(*, train: bool, image_size: int = 32, resize: bool = True):
     """The paper's CIFAR pipeline: RandomCrop(pad 4) + horizontal flip for training, normalize with 0.5/0.5.
 
     Args:
         train: Whether to add the augmentation.
-        image_size: Output side; inputs of another size are resized first.
+        image_size: Output side; every input is resized to it first (train and test alike).
+        resize: ``False`` skips the resize, for inputs known to be ``image_size`` already (CIFAR at 32).
 
     Returns:
         A torchvision transform.
@@ -109,7 +117,7 @@ def paper_transforms(*, train: bool, image_size: int = 32):
     """
     from torchvision import transforms as T
 
-    steps = [T.Resize((image_size, image_size))] if image_size != 32 else []
+    steps = [T.Resize((image_size, image_size))] if resize else []
     if train:
         steps += [T.RandomCrop(image_size, padding=max(1, image_size // 8)), T.RandomHorizontalFlip()]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(PAPER_MEAN, PAPER_STD)])
@@ -139,7 +147,8 @@ def _cifar(name: str, root: Path, image_size: int, download: bool) -> tuple[Data
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
     try:
-        sets = [cls(str(root), train=train, transform=paper_transforms(train=train, image_size=image_size),
+        sets = [cls(str(root), train=train, transform=paper_transforms(train=train, image_size=image_size,
+                                                                      resize=image_size != 32),
                     download=download and not (root / folder).is_dir()) for train in (True, False)]
     except Exception as err:  # torchvision raises RuntimeError when missing, URLError/OSError when offline
         raise DataUnavailableError(
@@ -152,24 +161,59 @@ def _cifar(name: str, root: Path, image_size: int, download: bool) -> tuple[Data
 
 
 def _image_folder(root: Path, image_size: int) -> tuple[Dataset, Dataset, DatasetInfo]:
-    from torchvision import datasets
 
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DataUnavailableError(
             f"expected {str(root)!r} to hold train/ and test/ (or val/) class folders; pass --data-path DIR"
         )
-    train_set = datasets.ImageFolder(str(root / "train"), paper_transforms(train=True, image_size=image_size))
+    train_set = _folder(root / "train", paper_transforms(train=True, image_size=image_size))
     test_tf = paper_transforms(train=False, image_size=image_size)
     annotations = test_dir / "val_annotations.txt"  # the official Tiny-ImageNet val layout: one flat folder
     if annotations.is_file():
         test_set = _tiny_imagenet_val(test_dir, annotations, train_set.class_to_idx, test_tf)
     else:
-        test_set = datasets.ImageFolder(str(test_dir), test_tf)
+        test_set = _folder(test_dir, test_tf)
         if test_set.class_to_idx != train_set.class_to_idx:
             raise ValueError(f"train/ and {test_dir.name}/ have different classes under {str(root)!r}")
     info = DatasetInfo(num_classes=len(train_set.classes), in_chans=3, image_size=image_size)
     return train_set, test_set, info
+
+
+def load_image(path: str) -> object:
+    """Open an image file as RGB (a PIL image), or raise :class:`DataError` naming the file.
+
+    Used as the ``loader`` of every image-folder dataset, so a truncated or non-image file stops the run with
+    its path instead of a decoder traceback.
+
+    Example:
+        >>> load_image("/nonexistent.png")
+        Traceback (most recent call last):
+        ...
+        orthoreg_tp.engine.data.DataError: cannot read image '/nonexistent.png' (FileNotFoundError: no such file)
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError and truncation are OSErrors
+        reason = "no such file" if isinstance(err, FileNotFoundError) else (str(err).splitlines() or [""])[0]
+        raise DataError(f"cannot read image {path!r} ({type(err).__name__}: {reason})") from None
+
+
+def _folder(folder: Path, transform) -> Dataset:
+    """``ImageFolder`` with :func:`load_image`; an empty class folder raises :class:`DataError` naming it."""
+    from torchvision import datasets
+
+    try:
+        return datasets.ImageFolder(str(folder), transform, loader=load_image)
+    except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
+        extensions = datasets.folder.IMG_EXTENSIONS
+        empty = [d for d in sorted(folder.iterdir()) if d.is_dir() and not any(
+            f.is_file() and f.name.lower().endswith(extensions) for f in d.rglob("*"))]
+        where = ", ".join(repr(str(d)) for d in empty) or repr(str(folder))
+        raise DataError(f"class folder {where} holds no image files ({err})") from None
 
 
 class _LabeledFiles(Dataset):
@@ -182,16 +226,17 @@ class _LabeledFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from torchvision.datasets.folder import default_loader
-
         path, target = self.samples[index]
-        return self.transform(default_loader(path)), target
+        return self.transform(load_image(path)), target
 
 
 def _tiny_imagenet_val(folder: Path, annotations: Path, class_to_idx: dict[str, int], transform) -> Dataset:
     samples = []
-    for line in annotations.read_text().splitlines():
+    for number, line in enumerate(annotations.read_text().splitlines(), 1):
         fields = line.split("\t")
         if len(fields) >= 2:
+            if fields[1] not in class_to_idx:
+                raise DataError(f"{str(annotations)!r} line {number}: class {fields[1]!r} is not one of the "
+                                f"{len(class_to_idx)} class folders of train/")
             samples.append((str(folder / "images" / fields[0]), class_to_idx[fields[1]]))
     return _LabeledFiles(samples, transform)

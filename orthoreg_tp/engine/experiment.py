@@ -5,6 +5,12 @@ with an atomic checkpoint; training stages also checkpoint after every epoch. Wi
 runs the same sequence again: stages the checkpoint already holds are skipped, the interrupted one continues
 from its last completed epoch, so ``results.json`` gets exactly the rows of an uninterrupted run.
 
+A run starts from random weights, timm / torchvision pretrained weights (``pretrained``) or a checkpoint file
+(``checkpoint``; see :mod:`orthoreg_tp.engine.weights`); the starting model's test accuracy is recorded as
+``initial_test_acc`` before any training, and a trained start skips the ``base`` phase unless ``train_base``.
+With ``distill``, the model as it was before the first prune is a frozen teacher for every later phase.
+Under :func:`run_cli`, SIGINT / SIGTERM stop the run between file writes and print how to resume it.
+
 Example:
     >>> with Experiment(RecipeConfig(output_dir="/tmp/demo").resolved()) as exp:  # doctest: +SKIP
     ...     exp.train("base")
@@ -21,6 +27,8 @@ import argparse
 import logging
 import os
 import random
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,6 +41,7 @@ from ..metrics import layer_widths, mean_orthonormality
 from ..regularizer import OrthoRegularizer, find_classifier
 from .config import RecipeConfig
 from .data import DataUnavailableError, build_datasets
+from .distill import Teacher
 from .distributed import (
     ShardSampler,
     barrier,
@@ -44,11 +53,21 @@ from .distributed import (
     wrap_ddp,
 )
 from .export import ModelSpec, save_pruned
+from .interrupts import RunInterrupted, stop_on_signals
 from .methods import build_importance, feed_importance_, get_method
 from .models import build_model
 from .pruning import count_macs_params, prune_round_, save_pruned_model
-from .records import RunRecord, plot_results, safe_torch_load
-from .training import build_optimizer, evaluate, set_lr, train_one_epoch
+from .records import (
+    CheckpointError,
+    RunRecord,
+    check_writable_dir,
+    plot_results,
+    remove_stale_temporaries,
+    safe_torch_load,
+    summary_table,
+)
+from .training import build_optimizer, evaluate, scheduled_lr, set_lr, train_one_epoch
+from .weights import build_pretrained_model, load_start_checkpoint_, model_from_state
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +95,8 @@ class Experiment:
         if not cfg.resume and (self.record.checkpoint_path.exists() or self.record.results_path.exists()):
             raise ValueError(f"output dir {cfg.output_dir!r} already holds a run; pass --resume to continue it "
                              "or choose another --output-dir")
+        check_writable_dir(cfg.output_dir)
+        resume_ckpt = self._read_checkpoint() if cfg.resume else None
         self.method = get_method(cfg.method)
         train_set, test_set, self.data_info = build_datasets(
             cfg.dataset, data_path=cfg.data_path, image_size=cfg.image_size, in_chans=cfg.in_chans,
@@ -101,8 +122,8 @@ class Experiment:
                                       sampler=ShardSampler(test_set, rank=self.env.rank,
                                                            world_size=self.env.world_size), pin_memory=pin)
         info = self.data_info
-        self.model = build_model(cfg.model, num_classes=info.num_classes, in_chans=info.in_chans).to(self.device)
         self.example_inputs = torch.randn(1, info.in_chans, info.image_size, info.image_size, device=self.device)
+        self.model, start_history = self._starting_model(resume_ckpt)
         self.dense_widths = layer_widths(self.model)
         self.dense_macs, self.dense_params = count_macs_params(self.model, self.example_inputs)
         head = find_classifier(self.model)
@@ -110,14 +131,25 @@ class Experiment:
         self.importance = build_importance(self.method, self.dense_widths, seed=cfg.seed,
                                            normalizer=cfg.normalizer)
         self.state: dict[str, Any] = {"stages_done": 0, "epoch_in_stage": 0, "global_epoch": 0, "history": [],
-                                      "remaining": 1.0, "rows": [], "last_prune": None, "extra": {}, "notes": {}}
+                                      "remaining": 1.0, "rows": [], "last_prune": None, "extra": {}, "notes": {},
+                                      "start_history": start_history}
         self._stage = 0
         self._optimizer_state: dict | None = None
         self._log_handler: logging.Handler | None = None
-        if cfg.resume and self.record.checkpoint_path.exists():
-            self._load_checkpoint()
-        elif cfg.resume:
-            logger.info("--resume: no checkpoint in %s, starting a new run", cfg.output_dir)
+        self.teacher: Teacher | None = None  # with --distill: the model before the first prune, frozen
+        if resume_ckpt is not None:
+            self._load_checkpoint(resume_ckpt)
+        else:
+            if cfg.resume:
+                logger.info("--resume: no checkpoint in %s, starting a new run", cfg.output_dir)
+            # before any training (and before any file is written): how good is the starting model?
+            self.notes["initial_test_acc"] = evaluate(self.model, self.test_loader, device=self.device,
+                                                      amp=self.amp)["acc"]
+            logger.info("starting model (%s): test accuracy %.2f", self._start_label(),
+                        self.notes["initial_test_acc"])
+        if cfg.resume and self.env.is_main:
+            for stale in remove_stale_temporaries(cfg.output_dir):
+                logger.info("--resume: removed %s, left by an interrupted write", stale)
         if self.record.enabled:
             self.record.dir.mkdir(parents=True, exist_ok=True)
             self._log_handler = logging.FileHandler(self.record.dir / "log.txt")
@@ -187,13 +219,21 @@ class Experiment:
             round_index: The pruning round, for the logs.
             on_epoch_end: ``fn(epoch) -> stop``, called after every epoch (early-bird detection).
         """
+        if phase == "base" and self.cfg.trained_start and not self.cfg.train_base:
+            logger.info("base: skipped, the run starts from trained weights (--train-base trains it anyway)")
+            return
         start = self._begin_stage()
         if start is None:
             return
         cfg, sched = self.cfg, self.cfg.schedule(phase)
+
+        def lr_at(epoch: int) -> float:
+            return scheduled_lr(sched, epoch, shape=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs)
+
         reg = OrthoRegularizer(self.model, cfg.coefficient) if regularized else None
-        optimizer = build_optimizer(self.model, lr=sched.lr_at(start), momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, regularized=regularized)
+        optimizer = build_optimizer(self.model, lr=lr_at(start), momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, regularized=regularized,
+                                    optimizer=cfg.optimizer)
         if start > 0 and self._optimizer_state is not None:
             optimizer.load_state_dict(self._optimizer_state)
         self._optimizer_state = None
@@ -204,17 +244,19 @@ class Experiment:
             global_epoch = self.state["global_epoch"]
             self._seed(global_epoch)
             self.train_loader.sampler.set_epoch(global_epoch)
-            set_lr(optimizer, sched.lr_at(epoch))
+            set_lr(optimizer, lr_at(epoch))
             stats = train_one_epoch(net, self.train_loader, optimizer, device=self.device, regularizer=reg,
                                     scaler=self.scaler, amp=self.amp, progress=self._progress,
-                                    desc=f"{phase} {epoch + 1}/{total}")
+                                    desc=f"{phase} {epoch + 1}/{total}", label_smoothing=cfg.label_smoothing,
+                                    teacher=self.teacher)
             broadcast_buffers_(self.model)
             test = evaluate(self.model, self.test_loader, device=self.device, amp=self.amp)
             row = {"global_epoch": global_epoch, "stage": self._stage - 1, "phase": phase, "round": round_index,
-                   "epoch": epoch, "lr": sched.lr_at(epoch), "regularized": regularized,
+                   "epoch": epoch, "lr": lr_at(epoch), "regularized": regularized,
                    "train_loss": stats["loss"], "train_acc": stats["acc"], "test_loss": test["loss"],
                    "test_acc": test["acc"], "penalty": _penalty(reg), "orthonormality": mean_orthonormality(
-                       self.model), "params": sum(p.numel() for p in self.model.parameters())}
+                       self.model), "params": sum(p.numel() for p in self.model.parameters()),
+                   "distilled": self.teacher is not None}
             self.state["global_epoch"] += 1
             stop = bool(on_epoch_end(epoch)) if on_epoch_end is not None else False
             row["seconds"] = round(time.perf_counter() - began, 3)
@@ -246,6 +288,8 @@ class Experiment:
         """Estimate importance and prune physically, by a ratio of current channels or to a MACs budget."""
         if self._begin_stage() is None:
             return
+        if self.cfg.distill and self.teacher is None:  # the model as it was before the first prune
+            self.teacher = Teacher(self.model, alpha=self.cfg.distill_alpha, temperature=self.cfg.distill_temperature)
         self.feed_importance()
         report = prune_round_(self.model, self.example_inputs, self.importance, ratio=ratio,
                               target_macs=target_macs, round_to=self.cfg.round_to, seed=self.cfg.seed + round_index)
@@ -287,7 +331,8 @@ class Experiment:
         logger.info("round %d: %.2f%% pruned, %d params, %.3g MACs, test accuracy %.2f", round_index,
                     row["pruned_pct"], params, macs, test["acc"])
         if self.record.enabled:
-            save_pruned_model(self.record.dir / f"model_round{round_index}.pt", self.model, self.state["history"],
+            save_pruned_model(self.record.dir / f"model_round{round_index}.pt", self.model,
+                              [*self.state["start_history"], *self.state["history"]],
                               {"model": self.cfg.model, "num_classes": self.data_info.num_classes,
                                "in_chans": self.data_info.in_chans, "image_size": self.data_info.image_size})
         self._write_results(complete=False)
@@ -295,17 +340,45 @@ class Experiment:
 
     def finish(self) -> dict[str, Any]:
         """Write ``model_final.safetensors`` (+ ``.json``), the final ``results.json`` and plot; return the results."""
+        artifact = None
         if self.record.enabled and self.state["rows"]:  # the portable artifact of the final model
             info = self.data_info
-            path = save_pruned(self.record.dir / "model_final", self.model, self.state["history"],
-                               ModelSpec(self.cfg.model, info.num_classes, info.in_chans, info.image_size),
-                               extra={"round": self.state["rows"][-1]["round"]})
-            self.notes["final_model"] = path.name
-            logger.info("final model: %s (+ %s; load it with orthoreg_tp.load_pruned)", path,
-                        path.with_suffix(".json").name)
+            artifact = save_pruned(self.record.dir / "model_final", self.model,
+                                   self.state["start_history"] + self.state["history"],
+                                   ModelSpec(self.cfg.model, info.num_classes, info.in_chans, info.image_size),
+                                   extra={"round": self.state["rows"][-1]["round"]})
+            self.notes["final_model"] = artifact.name
         results = self._write_results(complete=True)
+        if self.env.is_main and self.state["rows"]:
+            print(f"\n{self.cfg.recipe}: {self.cfg.model} on {self.cfg.dataset}, method {self.cfg.method} "
+                  f"(starting model: {self._start_label()}, test accuracy {self.notes.get('initial_test_acc', 0):.2f})"
+                  f"\n{summary_table(results)}", flush=True)
+            if artifact is not None:
+                print(f"final model: {artifact} (+ {artifact.with_suffix('.json').name}; load it with "
+                      "orthoreg_tp.load_pruned)", flush=True)
         barrier()
         return results
+
+    def _start_label(self) -> str:
+        cfg = self.cfg
+        return "pretrained" if cfg.pretrained else f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else "random"
+
+    def _starting_model(self, resume_ckpt: dict | None) -> tuple[torch.nn.Module, list]:
+        """The model the run starts from (random, pretrained or a checkpoint) and its start pruning history."""
+        cfg, info = self.cfg, self.data_info
+        if resume_ckpt is not None:  # the structure comes from the run's own checkpoint: no network, no file
+            history = list(resume_ckpt["state"].get("start_history", []))
+            model = build_model(cfg.model, num_classes=info.num_classes, in_chans=info.in_chans).to(self.device)
+            if history:
+                replay(model, self.example_inputs, history)
+            return model, history
+        if cfg.pretrained:
+            model = build_pretrained_model(cfg.model, num_classes=info.num_classes, in_chans=info.in_chans)
+            return model.to(self.device), []
+        model = build_model(cfg.model, num_classes=info.num_classes, in_chans=info.in_chans).to(self.device)
+        if cfg.checkpoint:
+            return model, load_start_checkpoint_(model, self.example_inputs, cfg.checkpoint, model_name=cfg.model)
+        return model, []
 
     # ------------------------------------------------------------------ files
     @property
@@ -326,19 +399,45 @@ class Experiment:
     def _checkpoint(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.record.save_checkpoint({
             "config": self.cfg.to_dict(), "model": self.model.state_dict(), "state": self.state,
-            "optimizer": None if optimizer is None else optimizer.state_dict()})
+            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "teacher": None if self.teacher is None else self.teacher.state_dict()})
 
-    def _load_checkpoint(self) -> None:
-        ckpt = safe_torch_load(self.record.checkpoint_path, map_location=self.device)
-        saved, now = dict(ckpt["config"]), self.cfg.to_dict()
+    def _read_checkpoint(self) -> dict | None:
+        """``--resume``: the run checkpoint (settings checked), or ``None`` for an empty folder.
+
+        Raises:
+            ValueError: The folder holds results but no checkpoint, or the settings differ.
+            CheckpointError: The checkpoint is unreadable or not a run checkpoint.
+        """
+        path = self.record.checkpoint_path
+        if not path.exists():
+            if self.record.results_path.exists() or (self.record.dir / "epochs.jsonl").exists():
+                raise ValueError(f"--resume: {self.cfg.output_dir!r} holds results but no checkpoint.pt, so there is "
+                                 "nothing to resume; choose another --output-dir")
+            return None
+        ckpt = safe_torch_load(path, map_location="cpu")  # before the device is set up; copied over on load
+        if not isinstance(ckpt, dict) or not {"config", "model", "state"} <= set(ckpt):
+            raise CheckpointError(f"{str(path)!r} is not a run checkpoint of orthoreg_tp (expected keys config, "
+                                  "model, state)")
+        saved = RecipeConfig.from_dict(dict(ckpt["config"])).to_dict()  # fields added since: their defaults
+        now = self.cfg.to_dict()
         changed = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k])
         if changed:
             raise ValueError(f"--resume with different settings than the checkpoint in {self.cfg.output_dir!r}: "
                              + ", ".join(f"{k}={now[k]!r} (was {saved.get(k)!r})" for k in changed))
+        return ckpt
+
+    def _load_checkpoint(self, ckpt: dict) -> None:
         replay(self.model, self.example_inputs, ckpt["state"]["history"])
         self.model.load_state_dict(ckpt["model"])
-        self.state = ckpt["state"]
+        self.state = {"start_history": [], **ckpt["state"]}
         self._optimizer_state = ckpt["optimizer"]
+        if ckpt.get("teacher") is not None:
+            info = self.data_info
+            self.teacher = Teacher(model_from_state(self.cfg.model, info.num_classes, info.in_chans,
+                                                    self.example_inputs, self.state["start_history"],
+                                                    ckpt["teacher"]),
+                                   alpha=self.cfg.distill_alpha, temperature=self.cfg.distill_temperature)
         self.record.truncate_epochs(self.state["global_epoch"])
         logger.info("resumed %s: %d stages done, epoch %d of the next, %d epochs so far", self.cfg.output_dir,
                     self.state["stages_done"], self.state["epoch_in_stage"], self.state["global_epoch"])
@@ -363,7 +462,31 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace]
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        return main(args)
+        with stop_on_signals():
+            return main(args)
+    except RunInterrupted as stop:
+        words = list(sys.argv[1:] if argv is None else argv)
+        command = shlex.join(["python", sys.argv[0] if argv is None else parser.prog, *words,
+                              *([] if "--resume" in words else ["--resume"])])
+        where = getattr(args, "output_dir", "the output dir")
+        parser.exit(stop.exit_code, f"{parser.prog}: interrupted by {stop.name}; {where} keeps the last checkpoint; "
+                                    f"continue with: {command}\n")
     except (ValueError, DataUnavailableError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
+
+
+def one_line(err: BaseException) -> str:
+    r"""An error's message on one line; for an error re-raised from a DataLoader worker, the original message.
+
+    Example:
+        >>> one_line(ValueError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\n"
+        ...                     "orthoreg_tp.engine.data.DataError: cannot read image 'a.png'"))
+        "cannot read image 'a.png'"
+    """
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if "Original Traceback" in str(err):  # torch.utils.data's ExceptionWrapper: the last line is "Type: message"
+        return lines[-1].split(": ", 1)[-1].strip()
+    return " ".join(line.strip() for line in lines)
 

@@ -17,7 +17,7 @@ from typing import Any
 from .config import RecipeConfig
 from .earlybird import EarlyBirdDetector, pruning_mask
 from .experiment import Experiment
-from .records import markdown_table, merge_results, plot_results, table_rows
+from .records import check_comparable, default_plot_path, markdown_table, merge_results, plot_results, table_rows
 
 
 def iterative(cfg: RecipeConfig) -> dict[str, Any]:
@@ -90,30 +90,34 @@ def early_bird(cfg: RecipeConfig) -> dict[str, Any]:
         return exp.finish()
 
 
-def compare(runs: Sequence[str | os.PathLike], *, plot: str | os.PathLike | None = "compare.png",
-            csv_path: str | os.PathLike | None = None, title: str = "") -> tuple[list[dict[str, Any]], str]:
+def compare(runs: Sequence[str | os.PathLike], *, plot: str | os.PathLike | None = None,
+            csv_path: str | os.PathLike | None = None, title: str = "",
+            mixed: bool = False) -> tuple[list[dict[str, Any]], str, Path]:
     """Merge recipe runs into one table (and a plot, and optionally a CSV).
 
     Args:
         runs: Run folders or their ``results.json``.
-        plot: PNG to write (accuracy against pruned % and MACs); ``None``: no plot.
+        plot: PNG to write (accuracy against pruned % and MACs); ``None``: ``compare.png`` next to the runs.
         csv_path: Also write the table as CSV.
         title: The plot's title.
+        mixed: Allow runs of different datasets or models in one table and figure.
 
     Returns:
-        ``(rows, markdown)``: one row per run and round, and the table as Markdown.
+        ``(rows, markdown, plot path)``: one row per run and round, the table as Markdown, the PNG written.
 
     Raises:
         FileNotFoundError: A run has no ``results.json``.
+        ValueError: Runs of different datasets or models without ``mixed``.
     """
     merged = merge_results(runs)
+    check_comparable(merged, mixed=mixed)
     rows = table_rows(merged)
-    if plot is not None:
-        plot_results([(label, results["rows"]) for label, results in merged], plot, title=title)
+    plot = Path(plot) if plot is not None else default_plot_path(runs)
+    plot_results([(label, results["rows"]) for label, results in merged], plot, title=title)
     if csv_path and rows:
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    return rows, markdown_table(rows)
+    return rows, markdown_table(rows), plot

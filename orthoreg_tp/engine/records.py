@@ -10,16 +10,23 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import pickle
+import re
+import sys
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .interrupts import critical_section
 
 EPOCH_FIELDS: tuple[str, ...] = (
     "global_epoch", "stage", "phase", "round", "epoch", "lr", "regularized", "train_loss", "train_acc",
@@ -34,16 +41,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with critical_section():  # a SIGINT/SIGTERM waits for the rename
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -64,9 +72,74 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable (corrupt, truncated, not weights-only) or of the wrong kind."""
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(..., weights_only=True)``: tensors, containers and plain values, never pickled code."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """``torch.load(..., weights_only=True)``: tensors, containers and plain values, never pickled code.
+
+    Raises:
+        CheckpointError: The file is missing, corrupt or truncated, or holds objects ``weights_only=True``
+            refuses; the one-line message names the file.
+
+    Example:
+        >>> safe_torch_load("/nonexistent.pt")
+        Traceback (most recent call last):
+        ...
+        orthoreg_tp.engine.records.CheckpointError: no checkpoint file at '/nonexistent.pt'
+    """
+    if not Path(path).is_file():
+        raise CheckpointError(f"no checkpoint file at {str(path)!r}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "unsupported global" in str(err).lower():
+            raise CheckpointError(f"cannot load {str(path)!r}: it holds Python objects that weights_only=True "
+                                  "refuses to unpickle (save a state dict of tensors instead)") from err
+        raise CheckpointError(f"cannot load {str(path)!r}: corrupt or truncated file "
+                              f"({type(err).__name__}: {_first_line(err)})") from err
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"cannot load {str(path)!r}: corrupt or truncated file "
+                              f"({type(err).__name__}: {_first_line(err)})") from err
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed atomic write left in ``folder`` (``.NAME.*.tmp``); return them.
+
+    Example:
+        >>> remove_stale_temporaries("/nonexistent-run")
+        []
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_writable_dir(folder: str | os.PathLike) -> None:
+    """Raise ``ValueError`` naming ``folder`` if it cannot be created or written (nothing is created).
+
+    Example:
+        >>> check_writable_dir("/tmp/some/new/run")
+    """
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write to output dir {str(folder)!r}: {str(existing)!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to output dir {str(folder)!r}: {str(existing)!r} is not writable")
 
 
 class RunRecord:
@@ -117,15 +190,16 @@ class RunRecord:
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "epochs.jsonl", "a") as f:
-            f.write(json.dumps(dict(row)) + "\n")
-        csv_path = self.dir / "epochs.csv"
-        new = not csv_path.exists()
-        with open(csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=EPOCH_FIELDS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(dict(row))
+        with critical_section():  # both files get the row, or neither
+            with open(self.dir / "epochs.jsonl", "a") as f:
+                f.write(json.dumps(dict(row)) + "\n")
+            csv_path = self.dir / "epochs.csv"
+            new = not csv_path.exists()
+            with open(csv_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=EPOCH_FIELDS, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow(dict(row))
 
     def epochs(self) -> list[dict[str, Any]]:
         """The rows of ``epochs.jsonl`` (empty if none)."""
@@ -254,3 +328,82 @@ def plot_results(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: 
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def check_comparable(runs: Sequence[tuple[str, Mapping[str, Any]]], *, mixed: bool = False) -> None:
+    """Refuse to put runs of different datasets or models in one comparison, unless ``mixed``.
+
+    Raises:
+        ValueError: Naming each run's dataset and model.
+
+    Example (the message continues "to compare them anyway"):
+        >>> check_comparable([("a", {"dataset": "digits", "model": "m"}), ("b", {"dataset": "cifar10", "model": "m"})])
+        Traceback (most recent call last):
+        ...
+        ValueError: runs of different datasets or models: a (m on digits), b (m on cifar10); pass --mixed ...
+    """
+    kinds = {(r.get("dataset"), r.get("model")) for _, r in runs}
+    if len(kinds) > 1 and not mixed:
+        listed = ", ".join(f"{label} ({r.get('model')} on {r.get('dataset')})" for label, r in runs)
+        raise ValueError(f"runs of different datasets or models: {listed}; pass --mixed to compare them anyway")
+
+
+def default_plot_path(paths: Sequence[str | os.PathLike]) -> Path:
+    """Where a comparison's plot goes by default: ``compare.png`` in the folder that holds the runs.
+
+    Example:
+        >>> str(default_plot_path(["runs/a", "runs/b/results.json"]))
+        'runs/compare.png'
+    """
+    folders = [os.path.abspath(Path(p) if not str(p).endswith(".json") else Path(p).parent) for p in paths]
+    common = Path(os.path.commonpath([os.path.dirname(f) for f in folders]))
+    with contextlib.suppress(ValueError):  # outside the working directory: keep it absolute
+        common = common.relative_to(Path.cwd())
+    return common / "compare.png"
+
+
+def print_safely(text: str) -> bool:
+    """Print ``text`` to stdout; if the reader closed the pipe (``| head -1``), stop printing quietly.
+
+    Returns:
+        ``False`` if the pipe was closed (later output goes to ``os.devnull``), else ``True``.
+
+    Example:
+        >>> print_safely("hello")
+        hello
+        True
+    """
+    try:
+        print(text)
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:  # the Python docs' recipe: silence stdout so the interpreter's exit flush cannot fail
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return False
+
+
+def summary_table(results: Mapping[str, Any]) -> str:
+    """A short plain-text table of a run's rounds: pruned %, params, MACs, accuracy (and latency if recorded).
+
+    Example:
+        >>> print(summary_table({"rows": [{"round": 0, "pruned_pct": 0.0, "params": 1200, "macs": 3.4e6,
+        ...                                "test_acc": 97.5}]}))
+        round  pruned %   params   MACs (M)  test acc %
+            0      0.00    1,200       3.40       97.50
+    """
+    rows = list(results.get("rows", []))
+    latency = next((k for r in rows for k, v in r.items() if k.startswith("latency")
+                    and isinstance(v, (int, float))), None)
+    header = f"{'round':>5} {'pruned %':>9} {'params':>8} {'MACs (M)':>10} {'test acc %':>11}"
+    if latency:
+        header += f" {latency:>12}"
+    lines = [header]
+    for r in rows:
+        line = (f"{r.get('round', '-')!s:>5} {r.get('pruned_pct', 0.0):>9.2f} {r.get('params', 0):>8,} "
+                f"{r.get('macs', 0) / 1e6:>10.2f} {r.get('test_acc', 0.0):>11.2f}")
+        if latency:
+            value = r.get(latency)
+            line += f" {value:>12.3f}" if isinstance(value, (int, float)) else f" {'-':>12}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,5 +1,9 @@
 """Training and evaluation loops, the paper's piecewise-constant learning rate, and optimizer building.
 
+Besides the paper's setup (SGD, piecewise-constant "step" rates), the loops offer what the timm and torchvision
+training references offer: AdamW, a cosine schedule with linear warmup (:func:`scheduled_lr`), label
+smoothing, and distillation from a frozen teacher (:class:`~orthoreg_tp.engine.distill.Teacher`).
+
 Example:
     >>> sched = LRSchedule.parse("0.1:80,0.01:40,0.001:40")   # the paper's base training
     >>> sched.total_epochs, sched.lr_at(100)
@@ -9,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -84,21 +89,80 @@ class LRSchedule:
         return cls(tuple(d["lrs"]), tuple(d["epochs"]))
 
 
+LR_SHAPES: tuple[str, ...] = ("step", "cosine")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+
+
+def scheduled_lr(schedule: LRSchedule, epoch: int, *, shape: str = "step", warmup_epochs: int = 0) -> float:
+    """Learning rate of 0-based ``epoch`` of a phase.
+
+    ``"step"`` is the paper's piecewise-constant schedule (:meth:`LRSchedule.lr_at`). ``"cosine"`` decays
+    from the phase's first rate to 0 over the phase's total epochs (per epoch, as torchvision's
+    ``CosineAnnealingLR`` with ``eta_min=0`` after the warmup; the later pieces' rates are not used). A warmup of
+    ``w`` epochs scales the first ``w`` epochs' rate by ``(epoch + 1) / (w + 1)`` (linear ramp), and cosine
+    then spans the remaining ``total - w`` epochs.
+
+    Args:
+        schedule: The phase's schedule (its total epochs and rates).
+        epoch: 0-based epoch in the phase.
+        shape: ``"step"`` or ``"cosine"``.
+        warmup_epochs: Linear-warmup epochs at the start of the phase (0: none).
+
+    Returns:
+        The rate.
+
+    Example:
+        >>> s = LRSchedule.parse("0.1:3,0.01:1")
+        >>> [round(scheduled_lr(s, e, shape="cosine"), 4) for e in range(4)]
+        [0.1, 0.0854, 0.05, 0.0146]
+        >>> [round(scheduled_lr(s, e, warmup_epochs=1), 4) for e in range(4)]
+        [0.05, 0.1, 0.1, 0.01]
+    """
+    if shape not in LR_SHAPES:
+        raise ValueError(f"unknown lr schedule, got {shape!r}; choose one of {list(LR_SHAPES)}")
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
+    if shape == "step":
+        lr = schedule.lr_at(epoch)
+    else:
+        span = max(1, schedule.total_epochs - warmup_epochs)
+        t = min(max(epoch - warmup_epochs, 0), span) / span
+        lr = 0.5 * schedule.lrs[0] * (1.0 + math.cos(math.pi * t))
+    if epoch < warmup_epochs:
+        lr *= (epoch + 1) / (warmup_epochs + 1)
+    return lr
+
+
 def build_optimizer(
     model: nn.Module, *, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-    regularized: bool = False,
-) -> torch.optim.SGD:
-    """SGD as in the paper; weight decay is 0 whenever the OrthoReg regularizer is on.
+    regularized: bool = False, optimizer: str = "sgd",
+) -> torch.optim.Optimizer:
+    """SGD with momentum as in the paper (or AdamW); weight decay is 0 whenever the OrthoReg regularizer is on.
 
     Build a new one after every pruning step (pruning replaces the parameters).
+
+    Args:
+        model: The model whose parameters are optimized.
+        lr: Initial learning rate.
+        momentum: SGD momentum (unused by AdamW, which keeps torch's betas).
+        weight_decay: L2 (SGD) or decoupled (AdamW) weight decay; forced to 0 when ``regularized``.
+        regularized: The OrthoReg regularizer is on.
+        optimizer: ``"sgd"`` or ``"adamw"``.
+
+    Returns:
+        The optimizer.
 
     Example:
         >>> opt = build_optimizer(nn.Linear(2, 2), lr=0.1, regularized=True)
         >>> opt.param_groups[0]["weight_decay"]
         0.0
     """
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                           weight_decay=0.0 if regularized else weight_decay)
+    decay = 0.0 if regularized else weight_decay
+    if optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
+    raise ValueError(f"unknown optimizer, got {optimizer!r}; choose one of {list(OPTIMIZERS)}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -124,6 +188,8 @@ def train_one_epoch(
     amp: bool = False,
     progress: bool = True,
     desc: str = "train",
+    label_smoothing: float = 0.0,
+    teacher=None,
 ) -> dict[str, float]:
     """One epoch of cross-entropy training, with the OrthoReg gradient added after ``backward()`` if given.
 
@@ -137,6 +203,8 @@ def train_one_epoch(
         amp: float16 autocast (CUDA only).
         progress: Show a tqdm bar.
         desc: The bar's label.
+        label_smoothing: Label smoothing of the cross-entropy (0: none).
+        teacher: A :class:`~orthoreg_tp.engine.distill.Teacher`: the loss becomes its distillation loss.
 
     Returns:
         ``{"loss", "acc"}`` averaged over all samples of all ranks (accuracy in %).
@@ -151,7 +219,10 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, amp):
             out = model(x)
-            loss = F.cross_entropy(out, y)
+            if teacher is not None:
+                loss = teacher.loss(out, x, y, label_smoothing=label_smoothing)
+            else:
+                loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
