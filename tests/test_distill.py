@@ -12,7 +12,7 @@ from orthoreg_tp.engine.data import build_datasets
 from orthoreg_tp.engine.distill import Teacher, distillation_loss, kd_kl
 from orthoreg_tp.engine.methods import build_importance, get_method
 from orthoreg_tp.engine.models import build_model
-from orthoreg_tp.engine.pruning import prune_step_
+from orthoreg_tp.engine.pruning import prune_round_
 from orthoreg_tp.engine.training import build_optimizer, train_one_epoch
 
 
@@ -65,7 +65,7 @@ def test_distillation_pulls_the_student_towards_the_teacher():
         train_one_epoch(teacher_model, loader, opt, device=torch.device("cpu"), progress=False)
     student = copy.deepcopy(teacher_model)
     imp = build_importance(get_method("l1"), layer_widths(student))
-    prune_step_(student, torch.zeros(1, 3, 16, 16), imp, ratio=0.6)
+    prune_round_(student, torch.zeros(1, 3, 16, 16), imp, ratio=0.6)
     teacher = Teacher(teacher_model, alpha=0.5, temperature=4.0)
     x_test = test_set.tensors[0]
 
