@@ -89,7 +89,8 @@ class RecipeConfig:
     rounds: int = 1
     thresholds: list[float] | None = None  # cumulative % per round, instead of prune_percent + rounds
     target_macs: float | None = None  # fraction of dense MACs to end at, instead of prune_percent
-    round_to: int | None = None  # keep pruned widths multiples of this (faster kernels); None: any width
+    target_latency: float | None = None  # fraction of the dense model's measured latency to end at
+    round_to: int | str | None = None  # keep pruned widths multiples of this (faster kernels); "auto": fastest
     normalizer: str | None = None  # per-layer score normalization before global ranking; None: raw (the paper)
     # early bird
     eb_detect: bool = False
@@ -141,8 +142,15 @@ class RecipeConfig:
                 raise ValueError(f"thresholds must increase strictly within (0, {MAX_PERCENT:g}], got {t!r}")
         if self.normalizer is not None and self.normalizer not in NORMALIZERS:
             raise ValueError(f"unknown normalizer, got {self.normalizer!r}; choose one of {list(NORMALIZERS)}")
-        if self.round_to is not None and self.round_to < 1:
-            raise ValueError(f"round_to must be a positive integer, got {self.round_to!r}")
+        if self.round_to is not None and self.round_to != "auto" and (
+            isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1
+        ):
+            raise ValueError(f"round_to must be a positive integer or 'auto', got {self.round_to!r}")
+        if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
+            raise ValueError(f"target_latency must be a fraction of the dense latency in (0, 1), "
+                             f"got {self.target_latency!r}")
+        if self.target_latency is not None and (self.target_macs is not None or self.thresholds is not None):
+            raise ValueError("give at most one of thresholds, target_macs and target_latency")
         if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
             raise ValueError(f"target_macs must be a fraction of the dense MACs in (0, 1), got {self.target_macs!r}")
         if self.thresholds is not None and self.target_macs is not None:
@@ -272,9 +280,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prune-percent", type=float, default=d.prune_percent, help="%% of filters removed")
     g.add_argument("--normalizer", default=None, choices=NORMALIZERS,
                    help="normalize each layer's scores before global ranking (default: raw scores, as the paper)")
-    g.add_argument("--round-to", type=int, default=None,
-                   help="keep pruned layer widths multiples of N (the ratio is searched so at least the asked "
-                        "share of channels goes)")
+    g.add_argument("--round-to", type=_round_to, default=None,
+                   help="keep pruned layer widths multiples of N; 'auto': try 1, 8, 16, 32 and keep the fastest "
+                        "(measured on the run's device and batch size)")
     g = parser.add_argument_group("optimization")
     g.add_argument("--preset", default=d.preset, choices=list(PRESETS))
     g.add_argument("--phase", dest="phases", type=_phase, action="append", default=[], metavar="NAME=LR:EP,..",
@@ -311,12 +319,28 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _round_to(text: str) -> int | str:
+    """``--round-to``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
 def add_schedule_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The iterative recipe's budget options: rounds, cumulative thresholds, MACs target."""
     g = parser.add_argument_group("iterative schedule")
     g.add_argument("--rounds", type=int, default=1)
     g.add_argument("--thresholds", type=_floats, default=None, help="cumulative %% per round, e.g. 25,50,75")
     g.add_argument("--target-macs", type=float, default=None, help="fraction of dense MACs to end at")
+    g.add_argument("--target-latency", type=float, default=None,
+                   help="fraction of the dense model's latency to end at, measured on the run's device and batch "
+                        "size (each round keeps target ** (1 / rounds) of the current latency)")
     return parser
 
 

@@ -37,6 +37,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..adapters import replay
+from ..adapters.latency import latency_inputs
+from ..latency import compare_latency
 from ..metrics import layer_widths, mean_orthonormality
 from ..regularizer import OrthoRegularizer, find_classifier
 from .config import RecipeConfig
@@ -114,6 +116,8 @@ class Experiment:
             raise ValueError(f"batch_size is the total over {self.env.world_size} processes and must divide "
                              f"evenly, got {cfg.batch_size!r}")
         batch = cfg.batch_size // self.env.world_size
+        self.latency_batch_size = batch  # latency budgets are timed at the batch each device trains with
+        self._latency_reference: torch.nn.Module | None = None
         self._seed(0)
         pin = self.device.type == "cuda"
         self.train_loader = DataLoader(train_set, batch_size=batch, num_workers=cfg.workers,
@@ -284,15 +288,17 @@ class Experiment:
                          progress=self._progress)
 
     def prune(self, *, ratio: float | None = None, target_macs: float | None = None,
-              round_index: int) -> None:
-        """Estimate importance and prune physically, by a ratio of current channels or to a MACs budget."""
+              target_latency: float | None = None, round_index: int) -> None:
+        """Estimate importance and prune physically: a ratio of current channels, a MACs or a latency budget."""
         if self._begin_stage() is None:
             return
         if self.cfg.distill and self.teacher is None:  # the model as it was before the first prune
             self.teacher = Teacher(self.model, alpha=self.cfg.distill_alpha, temperature=self.cfg.distill_temperature)
         self.feed_importance()
         report = prune_round_(self.model, self.example_inputs, self.importance, ratio=ratio,
-                              target_macs=target_macs, round_to=self.cfg.round_to, seed=self.cfg.seed + round_index)
+                              target_macs=target_macs, target_latency=target_latency,
+                              latency_batch_size=self.latency_batch_size, round_to=self.cfg.round_to,
+                              seed=self.cfg.seed + round_index)
         history = [list(e) for e in report.history]
         check_same_on_all_ranks(history, what=f"round {round_index}'s pruning")
         self.state["history"] += history
@@ -301,6 +307,8 @@ class Experiment:
         requested = report.ratio if ratio is None else ratio
         self.state["last_prune"] = {"requested": requested, "applied": report.ratio,
                                     "achieved": report.channels_removed, "acc_after_prune": after["acc"]}
+        if report.latency is not None:  # this round's own measurement (against the model before the round)
+            self.state["last_prune"]["round_latency"] = report.latency
         logger.info("round %d: pruned %.2f%% of current channels (asked %.2f%%), %.2f%% of the dense model "
                     "gone; accuracy before retraining %.2f", round_index, 100 * report.channels_removed,
                     100 * requested, 100 * (1 - self.remaining), after["acc"])
@@ -324,7 +332,7 @@ class Experiment:
             "params": params, "macs": macs, "params_pct": round(100 * params / self.dense_params, 3),
             "macs_pct": round(100 * macs / self.dense_macs, 3), "test_acc": test["acc"],
             "test_loss": test["loss"], "acc_after_prune": last.get("acc_after_prune"),
-            "epochs": self.state["global_epoch"], **extra, "widths": widths,
+            "epochs": self.state["global_epoch"], **extra, **self._latency_columns(last), "widths": widths,
         }
         self.state["rows"].append(row)
         self.state["last_prune"] = None
@@ -358,6 +366,30 @@ class Experiment:
                       "orthoreg_tp.load_pruned)", flush=True)
         barrier()
         return results
+
+    @property
+    def tracks_latency(self) -> bool:
+        """Whether rows record measured latency (a latency budget or ``round_to="auto"``)."""
+        return self.cfg.target_latency is not None or self.cfg.round_to == "auto"
+
+    def _latency_columns(self, last_prune: dict[str, Any]) -> dict[str, Any]:
+        """The current model timed against the starting architecture (interleaved; how it was timed in notes)."""
+        if not self.tracks_latency:
+            return {}
+        if self._latency_reference is None:  # latency depends on the widths only: no weights to keep
+            info = self.data_info
+            self._latency_reference = build_model(self.cfg.model, num_classes=info.num_classes,
+                                                  in_chans=info.in_chans).to(self.device)
+            if self.state["start_history"]:
+                replay(self._latency_reference, self.example_inputs, self.state["start_history"])
+        inputs = latency_inputs(self.example_inputs, self.latency_batch_size)
+        dense, pruned = compare_latency([self._latency_reference, self.model], inputs)
+        self.notes["latency"] = {k: v for k, v in pruned.to_dict().items() if k != "median_ms"}
+        columns = {"latency_ms": round(pruned.median_ms, 4), "dense_latency_ms": round(dense.median_ms, 4),
+                   "latency_pct": round(100 * pruned.median_ms / max(dense.median_ms, 1e-9), 3)}
+        if "round_latency" in last_prune:  # the prune's own measurement, against the model before the round
+            columns["round_latency"] = last_prune["round_latency"]
+        return columns
 
     def _start_label(self) -> str:
         cfg = self.cfg

@@ -32,7 +32,8 @@ HistoryEntry = list  # [layer name: str, is_out_channel: bool, indices: list[int
 
 
 def round_config(*, ratio: float | None = None, target_macs: float | None = None, current_macs: int | None = None,
-                 round_to: int | None = None, seed: int = 0, dry_run: bool = False) -> PruneConfig:
+                 target_latency: float | None = None, latency_batch_size: int | None = None,
+                 round_to: int | str | None = None, seed: int = 0, dry_run: bool = False) -> PruneConfig:
     """The :class:`~orthoreg_tp.adapters.PruneConfig` of one recipe round.
 
     Args:
@@ -40,31 +41,38 @@ def round_config(*, ratio: float | None = None, target_macs: float | None = None
         target_macs: Instead of ``ratio``: the MACs to end at (at most; at least 95% of it), given with
             ``current_macs``, the model's MACs now (:func:`count_macs_params`).
         current_macs: See ``target_macs``.
-        round_to: Keep layer widths multiples of this.
+        target_latency: Instead: keep at most this fraction of the current model's measured latency.
+        latency_batch_size: The batch size latency is measured at (the run's).
+        round_to: Keep layer widths multiples of this (``"auto"``: the fastest of 1, 8, 16, 32).
         seed: Seeds every attempt, so random importances prune the same channels on every rank.
         dry_run: Leave the model unchanged.
 
     Raises:
-        ValueError: Unless exactly one of ``ratio``/``target_macs`` is given, or for bad values.
+        ValueError: Unless exactly one of ``ratio``/``target_macs``/``target_latency`` is given, or for bad values.
 
     Example:
         >>> round_config(target_macs=50, current_macs=200).target
         ('macs', 0.25)
     """
-    if (ratio is None) == (target_macs is None):
-        raise ValueError(f"give exactly one of ratio and target_macs, got {ratio!r} and {target_macs!r}")
-    target = None
+    if sum(x is not None for x in (ratio, target_macs, target_latency)) != 1:
+        raise ValueError(f"give exactly one of ratio, target_macs and target_latency, got {ratio!r}, "
+                         f"{target_macs!r} and {target_latency!r}")
+    target = ("latency", target_latency) if target_latency is not None else None
     if target_macs is not None:
         if not current_macs or current_macs <= 0:
             raise ValueError(f"target_macs needs the current MACs, got current_macs={current_macs!r}")
         target = ("macs", min(1.0, target_macs / current_macs))
-    return PruneConfig(ratio=ratio, target=target, round_to=round_to if round_to and round_to > 1 else None,
+    if round_to != "auto" and not (round_to and round_to > 1):
+        round_to = None
+    return PruneConfig(ratio=ratio, target=target, round_to=round_to, latency_batch_size=latency_batch_size,
                        seed=seed, dry_run=dry_run)
 
 
 def prune_round_(model: nn.Module, example_inputs: Tensor, importance: Any, *, ratio: float | None = None,
-                 target_macs: float | None = None, round_to: int | None = None, seed: int = 0) -> PruneReport:
-    """One recipe round: prune ``model`` in place by a channel ratio or down to a MACs budget.
+                 target_macs: float | None = None, target_latency: float | None = None,
+                 latency_batch_size: int | None = None, round_to: int | str | None = None,
+                 seed: int = 0) -> PruneReport:
+    """One recipe round: prune ``model`` in place by a channel ratio, or down to a MACs or latency budget.
 
     A thin call of :func:`orthoreg_tp.adapters.prune` with :func:`round_config`; its ``report.channels_removed``
     is the achieved ratio, ``report.ratio`` the one applied (lower than asked when the floor capped it).
@@ -73,7 +81,8 @@ def prune_round_(model: nn.Module, example_inputs: Tensor, importance: Any, *, r
         >>> report = prune_round_(model, x, imp, ratio=0.5)  # doctest: +SKIP
     """
     current = count_macs_params(model, example_inputs)[0] if target_macs is not None else None
-    cfg = round_config(ratio=ratio, target_macs=target_macs, current_macs=current, round_to=round_to, seed=seed)
+    cfg = round_config(ratio=ratio, target_macs=target_macs, current_macs=current, target_latency=target_latency,
+                       latency_batch_size=latency_batch_size, round_to=round_to, seed=seed)
     return prune(model, example_inputs, importance=importance, config=cfg)
 
 

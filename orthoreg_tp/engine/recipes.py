@@ -37,11 +37,15 @@ def iterative(cfg: RecipeConfig) -> dict[str, Any]:
         exp.record_round(0, target=0.0)
         if regularized:
             exp.train("ortho", regularized=True)
-        rounds = cfg.rounds if cfg.target_macs is not None else len(cfg.round_targets())
+        budget = cfg.target_macs is not None or cfg.target_latency is not None
+        rounds = cfg.rounds if budget else len(cfg.round_targets())
         for k in range(1, rounds + 1):
             if cfg.target_macs is not None:
                 target = None
                 exp.prune(target_macs=exp.dense_macs * cfg.target_macs ** (k / rounds), round_index=k)
+            elif cfg.target_latency is not None:  # the same share of the current latency every round
+                target = None
+                exp.prune(target_latency=cfg.target_latency ** (1 / rounds), round_index=k)
             else:
                 target = cfg.round_targets()[k - 1]
                 # a fraction of the channels still present: corrects for rounding in earlier rounds
