@@ -37,6 +37,7 @@ import timm.models.swin_transformer
 import timm.models.swin_transformer_v2
 import timm.models.swin_transformer_v2_cr
 import timm.models.vision_transformer_relpos
+import torch
 import torch.nn as nn
 import torch_pruning as tp
 
@@ -46,7 +47,13 @@ from .generic import frozen_block, opaque_attention
 from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
 from .spec import Fixup, FixupContext, SpecPart
 
-__all__ = ["PatchMergingPruner", "ScaledStdConvPruner", "SelectiveKernelAttnPruner", "is_timm_model"]
+__all__ = [
+    "PatchMergingPruner",
+    "ScaledStdConvPruner",
+    "SelectiveKernelAttnPruner",
+    "fold_query_scale",
+    "is_timm_model",
+]
 
 # Model attributes that cache the classifier's input width.
 _MODEL_SIZE_ATTRS = ("num_features", "head_hidden_size", "embed_dim", "feature_dim")
@@ -95,21 +102,60 @@ register_model_adapter(ModelAdapter("timm", is_timm_model, _describe_model), fir
 
 
 # ----------------------------------------------------------------------------------------------- attention
-def _heads_fixup(name: str, qkv: nn.Linear, heads: int, parts: int) -> Fixup:
+def fold_query_scale(query: nn.Linear, rows: int, head_dim_before: int, head_dim_after: int) -> None:
+    """Keep attention logits unchanged after head-dimension pruning by rescaling the first ``rows`` query rows.
+
+    Pruning head dimensions removes terms from each ``q . k`` dot product; the kept terms are unchanged only if
+    the softmax scale stays ``head_dim_before ** -0.5``. Fused kernels (``F.scaled_dot_product_attention`` with
+    no ``scale``) use ``head_dim_after ** -0.5``, so the factor ``sqrt(head_dim_after / head_dim_before)`` is
+    folded into the query weights (and bias) and the module's ``scale`` is set to ``head_dim_after ** -0.5``:
+    fused and explicit paths then both compute ``q . k / sqrt(head_dim_before)`` over the kept dimensions,
+    which is what the unpruned model computes with the removed dimensions zeroed.
+
+    Args:
+        query: The layer producing the queries (a fused ``qkv`` or a separate ``q``).
+        rows: Number of leading output rows that are queries.
+        head_dim_before: Head width before pruning.
+        head_dim_after: Head width after pruning.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> q = nn.Linear(4, 6)
+        >>> nn.init.ones_(q.weight)
+        >>> fold_query_scale(q, rows=2, head_dim_before=4, head_dim_after=1)
+        >>> q.weight[:, 0].tolist()
+        [0.5, 0.5, 1.0, 1.0, 1.0, 1.0]
+    """
+    if head_dim_after == head_dim_before:
+        return
+    factor = (head_dim_after / head_dim_before) ** 0.5
+    with torch.no_grad():
+        query.weight[:rows].mul_(factor)
+        if query.bias is not None:
+            query.bias[:rows].mul_(factor)
+
+
+def _heads_fixup(name: str, qkv: nn.Linear, heads: int, parts: int, head_dim: int) -> Fixup:
     def fix(mod: nn.Module, ctx: FixupContext) -> None:
         n = ctx.heads(mod.qkv, heads)
-        head_dim = mod.qkv.out_features // (parts * n)
-        if head_dim * parts * n != mod.qkv.out_features:
+        new_dim = mod.qkv.out_features // (parts * n)
+        if new_dim * parts * n != mod.qkv.out_features:
             raise ValueError(f"qkv width {mod.qkv.out_features} is not {parts} x {n} heads")
         mod.num_heads = n
         if hasattr(mod, "head_dim"):
-            mod.head_dim = head_dim
+            mod.head_dim = new_dim
         if hasattr(mod, "attn_dim"):
-            mod.attn_dim = n * head_dim
+            mod.attn_dim = n * new_dim
         if isinstance(getattr(mod, "scale", None), float):
-            mod.scale = head_dim**-0.5
+            fold_query_scale(mod.qkv, n * new_dim, head_dim, new_dim)
+            mod.scale = new_dim**-0.5
 
-    return Fixup(name, "reset num_heads/head_dim/attn_dim/scale from the pruned qkv", fix)
+    return Fixup(name, "reset num_heads/head_dim/attn_dim/scale from the pruned qkv (scale folded into q)", fix)
+
+
+def _unfused_trace(module: nn.Module) -> list[tuple[nn.Module, str, bool]]:
+    """Trace with timm's explicit attention products (torch-pruning does not follow the fused kernel)."""
+    return [(module, "fused_attn", False)] if isinstance(getattr(module, "fused_attn", None), bool) else []
 
 
 def _fused_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
@@ -122,10 +168,13 @@ def _fused_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecP
         return opaque_attention(module, "gated or older layout")
     if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
         return opaque_attention(module, "scale_norm over attn_dim")
+    if not isinstance(getattr(module, "scale", None), float) or abs(module.scale - module.head_dim**-0.5) > 1e-9:
+        return opaque_attention(module, "custom softmax scale")
     return SpecPart(
         num_heads={qkv: heads},
-        fixups=[_heads_fixup(name, qkv, heads, 3)],
+        fixups=[_heads_fixup(name, qkv, heads, 3, qkv.out_features // (3 * heads))],
         handled={id(m) for m in module.modules()},
+        trace_attrs=_unfused_trace(module),
     )
 
 

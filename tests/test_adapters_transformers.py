@@ -1,0 +1,127 @@
+"""Vision transformers pruned in depth: attention head dimensions shrink with the rest, function kept.
+
+Head-dimension pruning is checked against an independent reference: an attention block pruned through the
+spec must compute what the unpruned block computes with the removed query/key/value rows of its projections
+(and the matching output-projection columns) zeroed. That holds only if queries and keys lose the same
+dimensions in every head and the softmax scale stays the original ``head_dim ** -0.5``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from orthoreg_tp.adapters import host_fixes, prepare, prune
+
+
+class _Block(nn.Module):
+    """One attention module fed the raw input: only its inner (head) width can be pruned."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x)
+
+
+def _prune_recording(model: nn.Module, x: torch.Tensor, layers: dict[str, str], **kwargs: object) -> dict:
+    """Prune through the spec; return ``{layer name: removed rows/columns (original indices)}``.
+
+    ``layers`` maps a layer name to ``"out"`` (record removed output rows) or ``"in"`` (removed input columns).
+    """
+    names = {m: n for n, m in model.named_modules()}
+    fns = {"out": (tp.prune_linear_out_channels,), "in": (tp.prune_linear_in_channels,)}
+    alive: dict[str, list[int]] = {}
+    removed: dict[str, list[int]] = {n: [] for n in layers}
+    spec = prepare(model, x)
+    with host_fixes():
+        pruner = tp.pruner.MetaPruner(
+            model, x, importance=tp.importance.RandomImportance(), pruning_ratio=0.5, **spec.pruner_kwargs(), **kwargs
+        )
+        for group in pruner.step(interactive=True):
+            for dep, idxs in group:
+                name = names.get(dep.target.module)
+                if name not in layers or dep.handler not in fns[layers[name]]:
+                    continue
+                layer = dep.target.module
+                width = layer.out_features if layers[name] == "out" else layer.in_features
+                current = alive.get(name, list(range(width)))
+                drop = set(idxs)
+                removed[name].extend(current[i] for i in drop)
+                alive[name] = [c for i, c in enumerate(current) if i not in drop]
+            group.prune()
+    spec.finalize(model, pruner)
+    return removed
+
+
+@torch.no_grad()
+def _zero(model: nn.Module, removed: dict, layers: dict[str, str]) -> None:
+    for name, idxs in removed.items():
+        if not idxs:
+            continue
+        weight = model.get_submodule(name).weight
+        idx = torch.tensor(sorted(set(idxs)))
+        if layers[name] == "out":
+            weight[idx] = 0
+            bias = model.get_submodule(name).bias
+            if bias is not None:
+                bias[idx] = 0
+        else:
+            weight[:, idx] = 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_timm_attention_head_dims_pruned_equals_zeroed(fused: bool) -> None:
+    torch.manual_seed(0)
+    attn = timm.layers.Attention(dim=32, num_heads=4, qkv_bias=True)
+    attn.fused_attn = fused
+    model = _Block(attn).eval()
+    x = torch.randn(2, 5, 32)
+    reference = copy.deepcopy(model)
+    layers = {"attn.qkv": "out", "attn.proj": "in"}
+
+    removed = _prune_recording(model, x, layers)
+    _zero(reference, removed, layers)
+
+    assert model.attn.qkv.out_features == 48 and model.attn.head_dim == 4 and model.attn.num_heads == 4
+    assert model.attn.fused_attn is fused  # traced unfused, restored afterwards
+    q, k, v = (sorted(i - p * 32 for i in removed["attn.qkv"] if p * 32 <= i < (p + 1) * 32) for p in range(3))
+    assert q == k == v and len(q) == 16  # the same dimensions of queries, keys and values
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_attention_whole_heads() -> None:
+    torch.manual_seed(0)
+    model = _Block(timm.layers.Attention(dim=32, num_heads=4)).eval()
+    x = torch.randn(2, 5, 32)
+    reference = copy.deepcopy(model)
+    layers = {"attn.qkv": "out", "attn.proj": "in"}
+
+    removed = _prune_recording(
+        model, x, layers, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5
+    )
+    _zero(reference, removed, layers)
+
+    assert model.attn.num_heads == 2 and model.attn.head_dim == 8 and model.attn.qkv.out_features == 48
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_vit_attention_shrinks_through_prune() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 160, 160)
+    widths = [b.attn.qkv.out_features for b in model.blocks]
+
+    report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
+
+    assert report.frozen == ()
+    assert all(b.attn.qkv.out_features <= w // 2 + b.attn.num_heads * 3 for b, w in zip(model.blocks, widths))
+    assert report.params_fraction < 0.4
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
