@@ -567,3 +567,29 @@ def _relpos_attention(module: nn.Module, name: str, ctx: AdapterContext) -> Spec
     # (reshape(B, N, C)), and the relative-position MLP emits one bias per head: the attention width must stay
     # the stream width, a coupling torch-pruning does not see. Keep the block and the stream it reads.
     return frozen_block(module, "reshapes to its input width; per-head relative-position bias", keep_input=True)
+
+
+def _sync_mixed_conv(mixed: nn.Module) -> None:
+    convs = list(mixed.values())
+    mixed.splits = [c.in_channels for c in convs]
+    mixed.in_channels = sum(mixed.splits)
+    mixed.out_channels = sum(c.out_channels for c in convs)
+
+
+@register_module_adapter(timm.layers.MixedConv2d)
+def _mixed_conv(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    # torch.split(x, self.splits) into convs of several kernel sizes, then torch.cat: torch-pruning prunes each
+    # chunk with its conv (the host fix maps the chunks); the split sizes are read back from the pruned convs.
+    if not all(isinstance(c, nn.Conv2d) for c in module.values()):
+        return None
+    return SpecPart(fixups=[_split_fixup(name, "MixedConv2d: splits/in/out_channels from the pruned convs", _sync_mixed_conv)])
+
+
+@register_module_adapter(timm.layers.GluMlp)
+def _glu_mlp(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    # fc1 -> chunk(2) -> act(x1) * x2 (SwiGLU packed): the two halves index the same hidden channels.
+    fc1, dim = getattr(module, "fc1", None), getattr(module, "chunk_dim", -1)
+    packed = (isinstance(fc1, nn.Linear) and dim in (-1, 2)) or (isinstance(fc1, nn.Conv2d) and dim == 1)
+    if not packed or fc1.weight.shape[0] % 2:
+        return None
+    return SpecPart(out_channel_groups={fc1: 2})

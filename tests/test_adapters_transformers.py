@@ -125,3 +125,17 @@ def test_timm_vit_attention_shrinks_through_prune() -> None:
     with torch.no_grad():
         out = model(x)
     assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+def test_packed_swiglu_halves_pruned_together() -> None:
+    torch.manual_seed(0)
+    model = _Block(timm.layers.GluMlp(32, hidden_features=64, act_layer=nn.SiLU, gate_last=False)).eval()
+    x = torch.randn(2, 5, 32)
+    reference = copy.deepcopy(model)
+    layers = {"attn.fc2": "in"}
+
+    removed = _prune_recording(model, x, layers)
+    _zero(reference, removed, layers)
+
+    assert model.attn.fc1.out_features == 32 and model.attn.fc2.in_features == 16
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
