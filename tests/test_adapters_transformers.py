@@ -139,3 +139,60 @@ def test_packed_swiglu_halves_pruned_together() -> None:
 
     assert model.attn.fc1.out_features == 32 and model.attn.fc2.in_features == 16
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- transformers
+_SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+
+
+def test_hf_vit_attention_pruned_equals_zeroed() -> None:
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(**_SMALL, intermediate_size=128))
+    config = vit.config
+    model = _Block(vit.layers[0].attention).eval()
+    x = torch.randn(2, 5, 64)
+    reference = copy.deepcopy(model)
+    layers = {"attn.q_proj": "out", "attn.k_proj": "out", "attn.v_proj": "out", "attn.o_proj": "in"}
+
+    removed = _prune_recording(model, x, layers)
+    _zero(reference, removed, layers)
+
+    assert model.attn.q_proj.out_features == 32 and model.attn.head_dim == 8 and model.attn.num_attention_heads == 4
+    assert sorted(removed["attn.q_proj"]) == sorted(removed["attn.k_proj"])
+    assert config._attn_implementation == "sdpa"  # traced eager, restored
+    torch.testing.assert_close(model(x)[0], reference(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def _hf_models() -> dict:
+    transformers = pytest.importorskip("transformers")
+    swin = {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 4], "window_size": 4}
+    return {
+        "vit": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(**_SMALL, intermediate_size=128)),
+        "deit": lambda: transformers.DeiTForImageClassification(transformers.DeiTConfig(**_SMALL, intermediate_size=128)),
+        # a backbone: its hidden states are outputs, so the residual stream is kept
+        "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(**_SMALL, mlp_ratio=2)),
+        "swin": lambda: transformers.SwinForImageClassification(transformers.SwinConfig(**swin)),
+    }
+
+
+@pytest.mark.parametrize("name", ["vit", "deit", "dinov2", "swin"])
+def test_hf_vision_models_pruned_in_depth(name: str) -> None:
+    build = _hf_models()[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)[0]
+
+    report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
+
+    assert report.frozen == () and report.spec["unhandled"] == []
+    assert report.params_fraction < (0.7 if name == "dinov2" else 0.4)
+    attn = [m for m in model.modules() if hasattr(m, "q_proj")]
+    if name != "swin":  # Swin keeps its head layout (per-head relative-position bias table)
+        assert all(m.q_proj.out_features == m.num_attention_heads * m.head_dim < 64 for m in attn)
+    with torch.no_grad():
+        after = model(x)[0]
+    assert after.shape == before.shape and torch.isfinite(after).all()
