@@ -582,7 +582,8 @@ def _mixed_conv(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart |
     # chunk with its conv (the host fix maps the chunks); the split sizes are read back from the pruned convs.
     if not all(isinstance(c, nn.Conv2d) for c in module.values()):
         return None
-    return SpecPart(fixups=[_split_fixup(name, "MixedConv2d: splits/in/out_channels from the pruned convs", _sync_mixed_conv)])
+    fix = _split_fixup(name, "MixedConv2d: splits/in/out_channels from the pruned convs", _sync_mixed_conv)
+    return SpecPart(fixups=[fix])
 
 
 @register_module_adapter(timm.layers.GluMlp)

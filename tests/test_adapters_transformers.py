@@ -15,6 +15,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+
 from orthoreg_tp.adapters import host_fixes, prepare, prune
 
 
@@ -168,9 +169,10 @@ def test_hf_vit_attention_pruned_equals_zeroed() -> None:
 def _hf_models() -> dict:
     transformers = pytest.importorskip("transformers")
     swin = {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 4], "window_size": 4}
+    vit = {**_SMALL, "intermediate_size": 128}
     return {
-        "vit": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(**_SMALL, intermediate_size=128)),
-        "deit": lambda: transformers.DeiTForImageClassification(transformers.DeiTConfig(**_SMALL, intermediate_size=128)),
+        "vit": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(**vit)),
+        "deit": lambda: transformers.DeiTForImageClassification(transformers.DeiTConfig(**vit)),
         # a backbone: its hidden states are outputs, so the residual stream is kept
         "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(**_SMALL, mlp_ratio=2)),
         "swin": lambda: transformers.SwinForImageClassification(transformers.SwinConfig(**swin)),
