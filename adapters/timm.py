@@ -20,7 +20,10 @@ from collections.abc import Callable, Sequence
 import timm
 import timm.layers
 import timm.layers.selective_kernel
+import timm.models.cait
 import timm.models.coat
+import timm.models.convit
+import timm.models.crossvit
 import timm.models.cspnet
 import timm.models.dpn
 import timm.models.efficientvim
@@ -30,6 +33,7 @@ import timm.models.inception_next
 import timm.models.mambaout
 import timm.models.metaformer
 import timm.models.mlp_mixer
+import timm.models.pvt_v2
 import timm.models.res2net
 import timm.models.rexnet
 import timm.models.shvit
@@ -46,6 +50,7 @@ from orthoreg_tp import along, register_param_slices
 from .generic import frozen_block, opaque_attention
 from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
 from .spec import Fixup, FixupContext, SpecPart
+from .widthfree import switch_to_width_free, width_free_class
 
 __all__ = [
     "PatchMergingPruner",
@@ -102,33 +107,34 @@ register_model_adapter(ModelAdapter("timm", is_timm_model, _describe_model), fir
 
 
 # ----------------------------------------------------------------------------------------------- attention
-def fold_query_scale(query: nn.Linear, rows: int, head_dim_before: int, head_dim_after: int) -> None:
+def fold_query_scale(query: nn.Linear, rows: int, scale_before: float, head_dim_after: int) -> None:
     """Keep attention logits unchanged after head-dimension pruning by rescaling the first ``rows`` query rows.
 
     Pruning head dimensions removes terms from each ``q . k`` dot product; the kept terms are unchanged only if
-    the softmax scale stays ``head_dim_before ** -0.5``. Fused kernels (``F.scaled_dot_product_attention`` with
-    no ``scale``) use ``head_dim_after ** -0.5``, so the factor ``sqrt(head_dim_after / head_dim_before)`` is
-    folded into the query weights (and bias) and the module's ``scale`` is set to ``head_dim_after ** -0.5``:
-    fused and explicit paths then both compute ``q . k / sqrt(head_dim_before)`` over the kept dimensions,
-    which is what the unpruned model computes with the removed dimensions zeroed.
+    the softmax scale stays ``scale_before`` (the original ``head_dim ** -0.5``). Fused kernels
+    (``F.scaled_dot_product_attention`` with no ``scale``) use ``head_dim_after ** -0.5``, so the factor
+    ``scale_before * sqrt(head_dim_after)`` is folded into the query weights (and bias) and the caller sets the
+    module's ``scale`` to ``head_dim_after ** -0.5``: fused and explicit paths then both compute
+    ``scale_before * q . k`` over the kept dimensions, which is what the unpruned model computes with the
+    removed dimensions zeroed.
 
     Args:
         query: The layer producing the queries (a fused ``qkv`` or a separate ``q``).
         rows: Number of leading output rows that are queries.
-        head_dim_before: Head width before pruning.
+        scale_before: The softmax scale before pruning.
         head_dim_after: Head width after pruning.
 
     Example:
         >>> import torch.nn as nn
         >>> q = nn.Linear(4, 6)
-        >>> nn.init.ones_(q.weight)
-        >>> fold_query_scale(q, rows=2, head_dim_before=4, head_dim_after=1)
+        >>> _ = nn.init.ones_(q.weight)
+        >>> fold_query_scale(q, rows=2, scale_before=4**-0.5, head_dim_after=1)
         >>> q.weight[:, 0].tolist()
         [0.5, 0.5, 1.0, 1.0, 1.0, 1.0]
     """
-    if head_dim_after == head_dim_before:
+    factor = scale_before * head_dim_after**0.5
+    if abs(factor - 1.0) < 1e-12:
         return
-    factor = (head_dim_after / head_dim_before) ** 0.5
     with torch.no_grad():
         query.weight[:rows].mul_(factor)
         if query.bias is not None:
@@ -146,8 +152,8 @@ def _heads_fixup(name: str, qkv: nn.Linear, heads: int, parts: int, head_dim: in
             mod.head_dim = new_dim
         if hasattr(mod, "attn_dim"):
             mod.attn_dim = n * new_dim
-        if isinstance(getattr(mod, "scale", None), float):
-            fold_query_scale(mod.qkv, n * new_dim, head_dim, new_dim)
+        if isinstance(getattr(mod, "scale", None), float) and new_dim != head_dim:
+            fold_query_scale(mod.qkv, n * new_dim, mod.scale, new_dim)
             mod.scale = new_dim**-0.5
 
     return Fixup(name, "reset num_heads/head_dim/attn_dim/scale from the pruned qkv (scale folded into q)", fix)
@@ -594,3 +600,63 @@ def _glu_mlp(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | No
     if not packed or fc1.weight.shape[0] % 2:
         return None
     return SpecPart(out_channel_groups={fc1: 2})
+
+
+# ----------------------------------------------------------------------------------------------- width-free attention
+# Attention classes whose forward reshapes with the input width C (``reshape(B, N, C)``, ``C // num_heads``): their
+# head dimensions are pruned like timm's Attention and the fix-up switches each pruned block to its width-free
+# subclass (widthfree.py: those reshapes get -1, exact on the unpruned block). {class: (query layer, its parts,
+# projections producing heads)}; ``sr`` (spatial reduction before k/v, reshaped with C) keeps its output and
+# the stream the block reads.
+def _width_free_fixup(name: str, query: str, parts: int, heads: int, head_dim: int, projections: tuple) -> Fixup:
+    def fix(mod: nn.Module, ctx: FixupContext) -> None:
+        q = getattr(mod, query)
+        n = ctx.heads(q, heads)
+        new_dim = q.out_features // (parts * n)
+        for proj in projections:
+            width = getattr(mod, proj).out_features
+            if width % n or (proj == query and new_dim * parts * n != width):
+                raise ValueError(f"{proj} width {width} is not a multiple of {n} heads")
+        mod.num_heads = n
+        if isinstance(getattr(mod, "head_dim", None), int):
+            mod.head_dim = new_dim
+        if new_dim != head_dim and isinstance(getattr(mod, "scale", None), float):
+            fold_query_scale(q, n * new_dim, mod.scale, new_dim)
+            mod.scale = new_dim**-0.5
+        if new_dim != head_dim or n != heads:
+            switch_to_width_free(mod)
+
+    return Fixup(name, "num_heads/head_dim/scale from the pruned projections; width-free forward", fix)
+
+
+_WIDTH_FREE: dict[type, tuple[str, int, tuple[str, ...]]] = {
+    timm.models.pvt_v2.Attention: ("q", 1, ("q", "kv")),
+    timm.models.crossvit.CrossAttention: ("wq", 1, ("wq", "wk", "wv")),
+    timm.models.cait.ClassAttn: ("q", 1, ("q", "k", "v")),
+    timm.models.convit.MHSA: ("qkv", 3, ("qkv",)),
+}
+
+
+@register_module_adapter(*_WIDTH_FREE)
+def _width_free_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    query, parts, projections = _WIDTH_FREE[type(module)]
+    layers = [getattr(module, p, None) for p in projections]
+    heads = getattr(module, "num_heads", None)
+    if not all(isinstance(m, nn.Linear) for m in layers) or not isinstance(heads, int):
+        return None
+    if width_free_class(type(module)) is None or layers[0].out_features % (parts * heads):
+        return None
+    head_dim = layers[0].out_features // (parts * heads)
+    part = SpecPart(
+        num_heads={m: heads for m in layers},
+        fixups=[_width_free_fixup(name, query, parts, heads, head_dim, projections)],
+        handled={id(m) for m in module.modules()},
+        trace_attrs=_unfused_trace(module),
+    )
+    sr = getattr(module, "sr", None)
+    if isinstance(sr, nn.Conv2d):
+        # self.sr(x).reshape(B, C, -1): the reduced map must keep the width of the stream the block reads
+        part.ignored_layers.append(sr)
+        part.pinned_inputs.append(module)
+        part.notes.append(f"{type(module).__name__}: spatial reduction and the stream it reads kept")
+    return part

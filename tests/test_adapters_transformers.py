@@ -128,6 +128,74 @@ def test_timm_vit_attention_shrinks_through_prune() -> None:
     assert out.shape == (1, 10) and torch.isfinite(out).all()
 
 
+
+class _Args(nn.Module):
+    """An attention module called with extra positional arguments (a feature size)."""
+
+    def __init__(self, attn: nn.Module, *args: object) -> None:
+        super().__init__()
+        self.attn, self.args = attn, args
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, *self.args)
+
+
+def _width_free_cases() -> dict:
+    from timm.models import cait, convit, crossvit, pvt_v2
+
+    return {
+        # attention module, input, {layer: "out"/"in"}, the query layer and its parts (q, k, v rows per layer)
+        "pvt_v2": (_Args(pvt_v2.Attention(32, num_heads=2), [4, 4]), (2, 16, 32), {"q": 1, "kv": 2}),
+        "crossvit": (_Args(crossvit.CrossAttention(32, num_heads=4)), (2, 5, 32), {"wq": 1, "wk": 1, "wv": 1}),
+        "cait_class": (_Args(cait.ClassAttn(32, num_heads=4)), (2, 5, 32), {"q": 1, "k": 1, "v": 1}),
+        "convit_mhsa": (_Args(convit.MHSA(32, num_heads=4)), (2, 5, 32), {"qkv": 3}),
+    }
+
+
+@pytest.mark.parametrize("name", ["pvt_v2", "crossvit", "cait_class", "convit_mhsa"])
+def test_width_free_attention_pruned_equals_zeroed(name: str) -> None:
+    torch.manual_seed(0)
+    model, shape, projections = _width_free_cases()[name]
+    model.eval()
+    x = torch.randn(*shape)
+    reference = copy.deepcopy(model)
+    cls = type(model.attn)
+    layers = {f"attn.{p}": "out" for p in projections} | {"attn.proj": "in"}
+
+    removed = _prune_recording(model, x, layers)
+    _zero(reference, removed, layers)
+
+    assert type(model.attn).__name__ == f"WidthFree{cls.__name__}" and isinstance(model.attn, cls)
+    assert model.attn.proj.in_features == 16
+    rows = {p: sorted(removed[f"attn.{p}"]) for p in projections}
+    chunks = [[i - c * 32 for i in r if c * 32 <= i < (c + 1) * 32] for p, r in rows.items() for c in range(projections[p])]
+    assert all(chunk == chunks[0] and len(chunk) == 16 for chunk in chunks)  # same dims of q, k and v
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_width_free_refuses_partial_rewrites() -> None:
+    from orthoreg_tp.adapters.widthfree import width_free_class
+    from timm.models import twins
+
+    # kv.reshape(B, -1, 2, self.num_heads, C // self.num_heads): the head width cannot become -1
+    assert width_free_class(twins.GlobalSubSampleAttn) is None
+
+
+def test_width_free_model_pickles(tmp_path: object) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10, embed_dims=(16, 32, 80, 128),
+                              depths=(1, 1, 1, 1)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
+    assert report.frozen == ()
+    assert type(model.stages[3].blocks[0].attn).__name__ == "WidthFreeAttention"
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
 def test_packed_swiglu_halves_pruned_together() -> None:
     torch.manual_seed(0)
     model = _Block(timm.layers.GluMlp(32, hidden_features=64, act_layer=nn.SiLU, gate_last=False)).eval()
