@@ -13,8 +13,10 @@ layer and is not rewritten); save pruned models with ``torch.save`` or a state d
 While torch-pruning traces the model, ``config._attn_implementation`` is set to ``"eager"`` (and restored):
 torch-pruning follows the explicit ``q @ k.T`` and ``attn @ v`` products, not the fused SDPA kernel.
 
-Blocks with a per-head relative-position bias table (Swin) keep their head layout (their input and output
-widths still shrink): torch-pruning couples the table's head columns with the value dimensions it adds to.
+Blocks with a per-head relative-position bias table (Swin) are pruned in head dimensions too: the table is
+handed to torch-pruning as an ignored parameter (its head columns stay; torch-pruning would otherwise couple
+them with the head dimensions). Whole-head pruning (``prune_num_heads=True``) is refused for them (a clear
+error, model restored): the table would have to lose the same heads.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import Any
 import torch.nn as nn
 import transformers
 
-from .generic import opaque_attention
 from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
 from .spec import Fixup, FixupContext, SpecPart
 
@@ -45,15 +46,17 @@ def _describe_model(model: nn.Module, ctx: AdapterContext) -> SpecPart:
 register_model_adapter(ModelAdapter("transformers", is_transformers_model, _describe_model), first=False)
 
 
-def _per_head_tables(module: nn.Module) -> bool:
-    return any("relative_position" in name for name, _ in module.named_modules()) or any(
-        "relative_position" in name for name, _ in module.named_parameters()
-    )
+def _per_head_tables(module: nn.Module) -> list[nn.Parameter]:
+    """Relative-position bias tables (positions x heads) inside an attention block."""
+    return [p for name, p in module.named_parameters() if "relative_position" in name]
 
 
-def _attention_fixup(name: str, heads: int) -> Fixup:
+def _attention_fixup(name: str, heads: int, tables: bool) -> Fixup:
     def fix(mod: nn.Module, ctx: FixupContext) -> None:
         n = ctx.heads(mod.q_proj, heads)
+        if tables and n != heads:
+            raise ValueError(f"{heads - n} whole heads removed, but the per-head relative-position bias table cannot "
+                             "follow; prune head dimensions only (prune_num_heads=False)")
         widths = {p: getattr(mod, p).out_features for p in _PROJECTIONS}
         if len(set(widths.values())) != 1 or widths["q_proj"] % n:
             raise ValueError(f"projection widths {widths} are not {n} equal heads")
@@ -70,13 +73,13 @@ def _qkvo_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPa
         return None
     if any(m.out_features != heads * head_dim for m in layers[:3]) or not hasattr(module, "scaling"):
         return None
-    if _per_head_tables(module):
-        # the bias table (positions x heads) is added to the logits: torch-pruning couples its head columns
-        # with the head dimensions of the values and removes columns from it. Keep the head layout.
-        return opaque_attention(module, "per-head relative-position bias table")
+    tables = _per_head_tables(module)
     part = SpecPart(
+        # a bias table (positions x heads) is added to the logits: torch-pruning would couple its head columns
+        # with the head dimensions; listed as ignored parameters, it keeps every column (heads are not removed)
+        ignored_layers=list(tables),
         num_heads={m: heads for m in layers[:3]},
-        fixups=[_attention_fixup(name, heads)],
+        fixups=[_attention_fixup(name, heads, bool(tables))],
         handled={id(m) for m in layers} | {id(module)},
     )
     config: Any = getattr(module, "config", None)

@@ -168,14 +168,16 @@ def test_width_free_attention_pruned_equals_zeroed(name: str) -> None:
     assert type(model.attn).__name__ == f"WidthFree{cls.__name__}" and isinstance(model.attn, cls)
     assert model.attn.proj.in_features == 16
     rows = {p: sorted(removed[f"attn.{p}"]) for p in projections}
-    chunks = [[i - c * 32 for i in r if c * 32 <= i < (c + 1) * 32] for p, r in rows.items() for c in range(projections[p])]
+    chunks = [[i - c * 32 for i in r if c * 32 <= i < (c + 1) * 32]
+              for p, r in rows.items() for c in range(projections[p])]
     assert all(chunk == chunks[0] and len(chunk) == 16 for chunk in chunks)  # same dims of q, k and v
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_width_free_refuses_partial_rewrites() -> None:
-    from orthoreg_tp.adapters.widthfree import width_free_class
     from timm.models import twins
+
+    from orthoreg_tp.adapters.widthfree import width_free_class
 
     # kv.reshape(B, -1, 2, self.num_heads, C // self.num_heads): the head width cannot become -1
     assert width_free_class(twins.GlobalSubSampleAttn) is None
@@ -234,6 +236,30 @@ def test_hf_vit_attention_pruned_equals_zeroed() -> None:
     torch.testing.assert_close(model(x)[0], reference(x)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_hf_swin_attention_with_bias_table_pruned_equals_zeroed() -> None:
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    swin = transformers.SwinModel(transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[1],
+                                                          num_heads=[4], window_size=4))
+    attn = swin.encoder.layers[0].blocks[0].attention
+    table = next(p for n, p in attn.named_parameters() if "relative_position" in n)
+    torch.nn.init.normal_(table)
+    model = _Block(attn).eval()
+    x = torch.randn(2, 16, 32)  # 2 windows of 4 x 4 tokens
+    reference = copy.deepcopy(model)
+    layers = {"attn.q_proj": "out", "attn.k_proj": "out", "attn.v_proj": "out", "attn.o_proj": "in"}
+
+    removed = _prune_recording(model, x, layers)
+    _zero(reference, removed, layers)
+
+    assert model.attn.q_proj.out_features == 16 and model.attn.head_dim == 4 and table.shape[1] == 4
+    torch.testing.assert_close(model(x)[0], reference(x)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="relative-position bias table"):
+        prune(swin, torch.randn(1, 3, 32, 32), importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5,
+              prune_num_heads=True, head_pruning_ratio=0.5)
+
+
 def _hf_models() -> dict:
     transformers = pytest.importorskip("transformers")
     swin = {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 4], "window_size": 4}
@@ -255,14 +281,14 @@ def test_hf_vision_models_pruned_in_depth(name: str) -> None:
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         before = model(x)[0]
+    widths = [m.q_proj.out_features for m in model.modules() if hasattr(m, "q_proj")]
 
     report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
 
     assert report.frozen == () and report.spec["unhandled"] == []
     assert report.params_fraction < (0.7 if name == "dinov2" else 0.4)
     attn = [m for m in model.modules() if hasattr(m, "q_proj")]
-    if name != "swin":  # Swin keeps its head layout (per-head relative-position bias table)
-        assert all(m.q_proj.out_features == m.num_attention_heads * m.head_dim < 64 for m in attn)
+    assert all(m.q_proj.out_features == m.num_attention_heads * m.head_dim == w // 2 for m, w in zip(attn, widths))
     with torch.no_grad():
         after = model(x)[0]
     assert after.shape == before.shape and torch.isfinite(after).all()
