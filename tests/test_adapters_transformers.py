@@ -292,3 +292,22 @@ def test_hf_vision_models_pruned_in_depth(name: str) -> None:
     with torch.no_grad():
         after = model(x)[0]
     assert after.shape == before.shape and torch.isfinite(after).all()
+
+
+# ----------------------------------------------------------------------------------------------- segmentation
+@pytest.mark.parametrize("arch", [pytest.param("Unet", marks=pytest.mark.slow), "FPN", "DeepLabV3Plus"])
+def test_smp_models_pruned(arch: str) -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    kwargs = {"decoder_channels": (64, 32, 16, 16, 8)} if arch == "Unet" else {}
+    model = getattr(smp, arch)("resnet18", encoder_weights=None, classes=3, **kwargs).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+
+    report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
+
+    assert report.frozen == () and report.params_fraction < 0.5
+    with torch.no_grad():
+        after = model(x)
+    assert after.shape == before.shape and torch.isfinite(after).all()
