@@ -25,6 +25,7 @@ import timm.models.coat
 import timm.models.convit
 import timm.models.crossvit
 import timm.models.cspnet
+import timm.models.davit
 import timm.models.dpn
 import timm.models.efficientvim
 import timm.models.fasternet
@@ -608,10 +609,15 @@ def _glu_mlp(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | No
 # subclass (widthfree.py: those reshapes get -1, exact on the unpruned block). {class: (query layer, its parts,
 # projections producing heads)}; ``sr`` (spatial reduction before k/v, reshaped with C) keeps its output and
 # the stream the block reads.
-def _width_free_fixup(name: str, query: str, parts: int, heads: int, head_dim: int, projections: tuple) -> Fixup:
+def _width_free_fixup(
+    name: str, query: str, parts: int, heads: int, head_dim: int, projections: tuple, rewrite: bool, tables: bool
+) -> Fixup:
     def fix(mod: nn.Module, ctx: FixupContext) -> None:
         q = getattr(mod, query)
         n = ctx.heads(q, heads)
+        if tables and n != heads:
+            raise ValueError(f"{heads - n} whole heads removed, but the per-head relative-position bias table cannot "
+                             "follow; prune head dimensions only (prune_num_heads=False)")
         new_dim = q.out_features // (parts * n)
         for proj in projections:
             width = getattr(mod, proj).out_features
@@ -623,33 +629,42 @@ def _width_free_fixup(name: str, query: str, parts: int, heads: int, head_dim: i
         if new_dim != head_dim and isinstance(getattr(mod, "scale", None), float):
             fold_query_scale(q, n * new_dim, mod.scale, new_dim)
             mod.scale = new_dim**-0.5
-        if new_dim != head_dim or n != heads:
+        if hasattr(mod, "attn_dim") and isinstance(mod.attn_dim, int):
+            mod.attn_dim = n * new_dim
+        if rewrite and (new_dim != head_dim or n != heads):
             switch_to_width_free(mod)
 
     return Fixup(name, "num_heads/head_dim/scale from the pruned projections; width-free forward", fix)
 
 
-_WIDTH_FREE: dict[type, tuple[str, int, tuple[str, ...]]] = {
-    timm.models.pvt_v2.Attention: ("q", 1, ("q", "kv")),
-    timm.models.crossvit.CrossAttention: ("wq", 1, ("wq", "wk", "wv")),
-    timm.models.cait.ClassAttn: ("q", 1, ("q", "k", "v")),
-    timm.models.convit.MHSA: ("qkv", 3, ("qkv",)),
+_WIDTH_FREE: dict[type, tuple[str, int, tuple[str, ...], bool]] = {  # (query, parts, projections, rewrite)
+    timm.models.pvt_v2.Attention: ("q", 1, ("q", "kv"), True),
+    timm.models.crossvit.CrossAttention: ("wq", 1, ("wq", "wk", "wv"), True),
+    timm.models.cait.ClassAttn: ("q", 1, ("q", "k", "v"), True),
+    timm.models.convit.MHSA: ("qkv", 3, ("qkv",), True),
+    timm.models.davit.WindowAttention: ("qkv", 3, ("qkv",), True),
+    # already width-agnostic; a per-head relative-position bias table (kept whole: an ignored parameter)
+    timm.models.swin_transformer.WindowAttention: ("qkv", 3, ("qkv",), False),
 }
 
 
 @register_module_adapter(*_WIDTH_FREE)
 def _width_free_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
-    query, parts, projections = _WIDTH_FREE[type(module)]
+    query, parts, projections, rewrite = _WIDTH_FREE[type(module)]
     layers = [getattr(module, p, None) for p in projections]
     heads = getattr(module, "num_heads", None)
     if not all(isinstance(m, nn.Linear) for m in layers) or not isinstance(heads, int):
         return None
-    if width_free_class(type(module)) is None or layers[0].out_features % (parts * heads):
+    if (rewrite and width_free_class(type(module)) is None) or layers[0].out_features % (parts * heads):
         return None
     head_dim = layers[0].out_features // (parts * heads)
+    # a bias table (positions x heads) added to the logits: torch-pruning would couple its head columns with the
+    # head dimensions; as an ignored parameter it keeps every column (whole heads are then refused)
+    tables = [p for n, p in module.named_parameters() if "relative_position_bias_table" in n]
     part = SpecPart(
+        ignored_layers=list(tables),
         num_heads={m: heads for m in layers},
-        fixups=[_width_free_fixup(name, query, parts, heads, head_dim, projections)],
+        fixups=[_width_free_fixup(name, query, parts, heads, head_dim, projections, rewrite, bool(tables))],
         handled={id(m) for m in module.modules()},
         trace_attrs=_unfused_trace(module),
     )

@@ -141,7 +141,10 @@ class _Args(nn.Module):
 
 
 def _width_free_cases() -> dict:
-    from timm.models import cait, convit, crossvit, pvt_v2
+    from timm.models import cait, convit, crossvit, davit, pvt_v2, swin_transformer
+
+    swin = swin_transformer.WindowAttention(32, num_heads=4, window_size=2)
+    torch.nn.init.normal_(swin.relative_position_bias_table)
 
     return {
         # attention module, input, {layer: "out"/"in"}, the query layer and its parts (q, k, v rows per layer)
@@ -149,10 +152,12 @@ def _width_free_cases() -> dict:
         "crossvit": (_Args(crossvit.CrossAttention(32, num_heads=4)), (2, 5, 32), {"wq": 1, "wk": 1, "wv": 1}),
         "cait_class": (_Args(cait.ClassAttn(32, num_heads=4)), (2, 5, 32), {"q": 1, "k": 1, "v": 1}),
         "convit_mhsa": (_Args(convit.MHSA(32, num_heads=4)), (2, 5, 32), {"qkv": 3}),
+        "davit_window": (_Args(davit.WindowAttention(32, (2, 2), num_heads=4)), (2, 4, 32), {"qkv": 3}),
+        "swin_window": (_Args(swin), (2, 4, 32), {"qkv": 3}),  # already width-agnostic: no subclass
     }
 
 
-@pytest.mark.parametrize("name", ["pvt_v2", "crossvit", "cait_class", "convit_mhsa"])
+@pytest.mark.parametrize("name", ["pvt_v2", "crossvit", "cait_class", "convit_mhsa", "davit_window", "swin_window"])
 def test_width_free_attention_pruned_equals_zeroed(name: str) -> None:
     torch.manual_seed(0)
     model, shape, projections = _width_free_cases()[name]
@@ -165,7 +170,8 @@ def test_width_free_attention_pruned_equals_zeroed(name: str) -> None:
     removed = _prune_recording(model, x, layers)
     _zero(reference, removed, layers)
 
-    assert type(model.attn).__name__ == f"WidthFree{cls.__name__}" and isinstance(model.attn, cls)
+    expected = cls.__name__ if name == "swin_window" else f"WidthFree{cls.__name__}"
+    assert type(model.attn).__name__ == expected and isinstance(model.attn, cls)
     assert model.attn.proj.in_features == 16
     rows = {p: sorted(removed[f"attn.{p}"]) for p in projections}
     chunks = [[i - c * 32 for i in r if c * 32 <= i < (c + 1) * 32]
