@@ -675,3 +675,44 @@ def _width_free_attention(module: nn.Module, name: str, ctx: AdapterContext) -> 
         part.pinned_inputs.append(module)
         part.notes.append(f"{type(module).__name__}: spatial reduction and the stream it reads kept")
     return part
+
+
+# ----------------------------------------------------------------------------------------------- attention kept whole
+# Attention classes that keep their heads and the stream they read, with the reason (reported in the spec notes).
+# The generic detection would freeze them the same way; naming the reason tells the user why the family stays
+# shallow. Each also reshapes its output to its input width.
+_KEPT_WHOLE: dict[str, str] = {
+    "beit.Attention": "qkv runs as F.linear with separate q/v biases (invisible to torch-pruning); per-head table",
+    "eva.EvaAttention": "rotary tables sized by head_dim; qkv may run as F.linear with separate q/v biases",
+    "cait.TalkingHeadAttn": "proj_l/proj_w mix heads on the logits (coupled with head dims by torch-pruning)",
+    "convit.GPSA": "positional gating per head on the logits (coupled with head dims by torch-pruning)",
+    "nest.Attention": "6-D qkv layout: torch-pruning maps pruned dims to the wrong q/k/v chunk",
+    "twins.LocallyGroupedAttn": "6-D qkv layout: torch-pruning maps pruned dims to the wrong q/k/v chunk",
+    "twins.GlobalSubSampleAttn": "k/v head width C // num_heads next to another -1: no exact width-free rewrite",
+    "xcit.XCA": "channel (cross-covariance) attention: removing a dimension is not zeroing it",
+    "davit.ChannelAttention": "channel attention: removing a dimension is not zeroing it",
+    "edgenext.CrossCovarianceAttn": "channel (cross-covariance) attention: removing a dimension is not zeroing it",
+    "swin_transformer_v2.WindowAttention": "cpb_mlp emits per-head biases; per-head logit scale; F.linear q/v biases",
+    "gcvit.WindowAttentionGlobal": "per-head relative-position bias and a global query from another branch",
+}
+
+
+def _kept_whole_classes() -> dict[type, str]:
+    import importlib
+
+    out = {}
+    for path, why in _KEPT_WHOLE.items():
+        module, _, cls = path.rpartition(".")
+        try:
+            out[getattr(importlib.import_module(f"timm.models.{module}"), cls)] = why
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
+_KEPT = _kept_whole_classes()
+
+
+@register_module_adapter(*_KEPT)
+def _kept_whole(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    return frozen_block(module, f"attention kept whole: {_KEPT[type(module)]}", keep_input=True)

@@ -317,3 +317,13 @@ def test_smp_models_pruned(arch: str) -> None:
     with torch.no_grad():
         after = model(x)
     assert after.shape == before.shape and torch.isfinite(after).all()
+
+
+def test_attention_kept_whole_says_why() -> None:
+    from timm.models import cait
+
+    model = _Block(cait.TalkingHeadAttn(32, num_heads=4)).eval()
+    spec = prepare(model, torch.randn(2, 5, 32))
+
+    assert any("attention kept whole: proj_l/proj_w mix heads" in n for n in spec.notes)
+    assert spec.unhandled == () and model.attn.qkv in spec.ignored_layers
