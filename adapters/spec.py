@@ -154,6 +154,15 @@ class PruningSpec:
 
         The attributes are restored when the call returns or raises. A tuple/list of inputs is unpacked when the
         model accepts that, else passed whole (as :func:`orthoreg_tp.adapters.prepare` decides).
+
+        Example:
+            >>> import torch, torch.nn as nn
+            >>> layer = nn.Linear(2, 2)
+            >>> layer.flag = True
+            >>> spec = merge_parts([SpecPart(trace_attrs=[(layer, "flag", False)])], model_class="L", source="generic")
+            >>> out = spec.trace_forward(layer, torch.zeros(1, 2))
+            >>> layer.flag
+            True
         """
         saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in self.trace_attrs]
         try:
@@ -210,6 +219,7 @@ class PruningSpec:
             "round_to": self.round_to,
             "customized_pruners": sorted(c.__name__ for c in self.customized_pruners),
             "fixups": len(self.fixups),
+            "trace_attrs": len(self.trace_attrs),
             "unhandled": list(self.unhandled),
             "notes": list(self.notes),
         }

@@ -35,7 +35,13 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
 def is_transformers_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face ``transformers`` model."""
+    """Whether ``model`` is a Hugging Face ``transformers`` model.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> is_transformers_model(nn.Linear(2, 2))
+        False
+    """
     return isinstance(model, transformers.PreTrainedModel)
 
 

@@ -147,6 +147,13 @@ def switch_to_width_free(module: nn.Module) -> None:
 
     Raises:
         ValueError: The class's forward cannot be rewritten.
+
+    Example:
+        >>> import timm.models.pvt_v2 as pvt
+        >>> attn = pvt.Attention(32, num_heads=2)
+        >>> switch_to_width_free(attn)
+        >>> isinstance(attn, pvt.Attention), type(attn).__name__
+        (True, 'WidthFreeAttention')
     """
     cls = type(module)
     if cls.__module__ == __name__:
