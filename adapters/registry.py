@@ -9,6 +9,7 @@ Built-in adapters for timm and torchvision are imported lazily, on the first :fu
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,10 @@ class ModelAdapter:
 _MODULE_ADAPTERS: dict[type, list[ModuleAdapterFn]] = {}
 _MODEL_ADAPTERS: list[ModelAdapter] = []
 _BUILTINS = ("orthoreg_tp.adapters.timm", "orthoreg_tp.adapters.torchvision")
+# (adapter module, the package it needs): one entry per optional library
+_OPTIONAL_BUILTINS: tuple[tuple[str, str], ...] = (
+    ("orthoreg_tp.adapters.transformers", "transformers"),
+)
 _loaded = False
 
 
@@ -111,6 +116,9 @@ def load_builtin_adapters() -> None:
     _loaded = True
     for mod in _BUILTINS:
         importlib.import_module(mod)
+    for mod, needs in _OPTIONAL_BUILTINS:  # adapters for optional libraries, loaded when the library imports
+        if importlib.util.find_spec(needs) is not None:
+            importlib.import_module(mod)
 
 
 def find_module_adapters(module: nn.Module) -> list[ModuleAdapterFn]:

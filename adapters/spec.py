@@ -65,6 +65,8 @@ class SpecPart:
     notes: list[str] = field(default_factory=list)
     handled: set[int] = field(default_factory=set)  # ids of modules this part fully accounts for
     pinned_inputs: list[nn.Module] = field(default_factory=list)  # modules whose input width must not change
+    # (object, attribute, value) set only while torch-pruning traces the model (e.g. fused_attn=False)
+    trace_attrs: list[tuple[Any, str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class PruningSpec:
         notes: Other decisions worth telling the user.
         check_output_shape: Whether verification requires every output tensor to keep its shape (off for
             detection models whose number of boxes depends on the weights).
+        trace_attrs: ``(object, attribute, value)`` triples applied only while torch-pruning traces the model
+            (and restored right after): e.g. ``fused_attn=False`` on attention blocks, so that the traced graph
+            runs through the explicit ``q @ k.T`` / ``attn @ v`` products torch-pruning follows, instead of a
+            fused kernel it cannot see through. Handed to the pruner as its ``forward_fn``.
 
     Example:
         >>> import torch, torch_pruning as tp, torchvision
@@ -117,6 +123,7 @@ class PruningSpec:
     unhandled: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     check_output_shape: bool = True
+    trace_attrs: tuple[tuple[Any, str, Any], ...] = ()
     # The num_heads dict most recently handed to a pruner (it is updated in place by head pruning).
     _issued_heads: list[dict[nn.Module, int]] = field(default_factory=list, repr=False, compare=False)
 
@@ -125,12 +132,14 @@ class PruningSpec:
 
         Returns:
             ``ignored_layers``, ``num_heads``, ``in_channel_groups``, ``out_channel_groups``,
-            ``unwrapped_parameters``, ``round_to`` and ``customized_pruners``; merge them with your own
-            (``ignored_layers`` lists may be concatenated).
+            ``unwrapped_parameters``, ``round_to`` and ``customized_pruners``, plus ``forward_fn`` when the spec
+            has :attr:`trace_attrs`; merge them with your own (``ignored_layers`` lists may be concatenated).
         """
         heads = dict(self.num_heads)
         self._issued_heads[:] = [heads]
+        extra: dict[str, Any] = {"forward_fn": self.trace_forward} if self.trace_attrs else {}
         return {
+            **extra,
             "ignored_layers": list(self.ignored_layers),
             "num_heads": heads,
             "in_channel_groups": dict(self.in_channel_groups),
@@ -139,6 +148,37 @@ class PruningSpec:
             "round_to": self.round_to,
             "customized_pruners": dict(self.customized_pruners),
         }
+
+    def trace_forward(self, model: nn.Module, example_inputs: Any) -> Any:
+        """Run ``model`` on ``example_inputs`` with :attr:`trace_attrs` applied (a torch-pruning ``forward_fn``).
+
+        The attributes are restored when the call returns or raises. A tuple/list of inputs is unpacked when the
+        model accepts that, else passed whole (as :func:`orthoreg_tp.adapters.prepare` decides).
+
+        Example:
+            >>> import torch, torch.nn as nn
+            >>> layer = nn.Linear(2, 2)
+            >>> layer.flag = True
+            >>> spec = merge_parts([SpecPart(trace_attrs=[(layer, "flag", False)])], model_class="L", source="generic")
+            >>> out = spec.trace_forward(layer, torch.zeros(1, 2))
+            >>> layer.flag
+            True
+        """
+        saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in self.trace_attrs]
+        try:
+            for obj, attr, value in self.trace_attrs:
+                setattr(obj, attr, value)
+            if isinstance(example_inputs, dict):
+                return model(**example_inputs)
+            if isinstance(example_inputs, (tuple, list)):
+                try:
+                    return model(*example_inputs)
+                except Exception:
+                    return model(example_inputs)
+            return model(example_inputs)
+        finally:
+            for obj, attr, value in reversed(saved):
+                setattr(obj, attr, value)
 
     def finalize(self, model: nn.Module, pruner: Any = None) -> None:
         """Apply the post-prune fix-ups to ``model`` in place.
@@ -179,6 +219,7 @@ class PruningSpec:
             "round_to": self.round_to,
             "customized_pruners": sorted(c.__name__ for c in self.customized_pruners),
             "fixups": len(self.fixups),
+            "trace_attrs": len(self.trace_attrs),
             "unhandled": list(self.unhandled),
             "notes": list(self.notes),
         }
@@ -220,7 +261,10 @@ def merge_parts(
     fixups: dict[tuple[str, str], Fixup] = {}
     unhandled: list[str] = []
     notes: list[str] = []
+    trace_attrs: dict[tuple[int, str], tuple[Any, str, Any]] = {}
     for part in parts:
+        for obj, attr, value in part.trace_attrs:
+            trace_attrs.setdefault((id(obj), attr), (obj, attr, value))
         ignored.extend(part.ignored_layers)
         heads.update(part.num_heads)
         in_groups.update(part.in_channel_groups)
@@ -248,4 +292,5 @@ def merge_parts(
         unhandled=tuple(dict.fromkeys(unhandled)),
         notes=tuple(dict.fromkeys(notes)),
         check_output_shape=check_output_shape,
+        trace_attrs=tuple(trace_attrs.values()),
     )

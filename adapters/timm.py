@@ -20,8 +20,12 @@ from collections.abc import Callable, Sequence
 import timm
 import timm.layers
 import timm.layers.selective_kernel
+import timm.models.cait
 import timm.models.coat
+import timm.models.convit
+import timm.models.crossvit
 import timm.models.cspnet
+import timm.models.davit
 import timm.models.dpn
 import timm.models.efficientvim
 import timm.models.fasternet
@@ -30,6 +34,7 @@ import timm.models.inception_next
 import timm.models.mambaout
 import timm.models.metaformer
 import timm.models.mlp_mixer
+import timm.models.pvt_v2
 import timm.models.res2net
 import timm.models.rexnet
 import timm.models.shvit
@@ -37,6 +42,7 @@ import timm.models.swin_transformer
 import timm.models.swin_transformer_v2
 import timm.models.swin_transformer_v2_cr
 import timm.models.vision_transformer_relpos
+import torch
 import torch.nn as nn
 import torch_pruning as tp
 
@@ -45,8 +51,15 @@ from orthoreg_tp import along, register_param_slices
 from .generic import frozen_block, opaque_attention
 from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
 from .spec import Fixup, FixupContext, SpecPart
+from .widthfree import switch_to_width_free, width_free_class
 
-__all__ = ["PatchMergingPruner", "ScaledStdConvPruner", "SelectiveKernelAttnPruner", "is_timm_model"]
+__all__ = [
+    "PatchMergingPruner",
+    "ScaledStdConvPruner",
+    "SelectiveKernelAttnPruner",
+    "fold_query_scale",
+    "is_timm_model",
+]
 
 # Model attributes that cache the classifier's input width.
 _MODEL_SIZE_ATTRS = ("num_features", "head_hidden_size", "embed_dim", "feature_dim")
@@ -95,21 +108,61 @@ register_model_adapter(ModelAdapter("timm", is_timm_model, _describe_model), fir
 
 
 # ----------------------------------------------------------------------------------------------- attention
-def _heads_fixup(name: str, qkv: nn.Linear, heads: int, parts: int) -> Fixup:
+def fold_query_scale(query: nn.Linear, rows: int, scale_before: float, head_dim_after: int) -> None:
+    """Keep attention logits unchanged after head-dimension pruning by rescaling the first ``rows`` query rows.
+
+    Pruning head dimensions removes terms from each ``q . k`` dot product; the kept terms are unchanged only if
+    the softmax scale stays ``scale_before`` (the original ``head_dim ** -0.5``). Fused kernels
+    (``F.scaled_dot_product_attention`` with no ``scale``) use ``head_dim_after ** -0.5``, so the factor
+    ``scale_before * sqrt(head_dim_after)`` is folded into the query weights (and bias) and the caller sets the
+    module's ``scale`` to ``head_dim_after ** -0.5``: fused and explicit paths then both compute
+    ``scale_before * q . k`` over the kept dimensions, which is what the unpruned model computes with the
+    removed dimensions zeroed.
+
+    Args:
+        query: The layer producing the queries (a fused ``qkv`` or a separate ``q``).
+        rows: Number of leading output rows that are queries.
+        scale_before: The softmax scale before pruning.
+        head_dim_after: Head width after pruning.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> q = nn.Linear(4, 6)
+        >>> _ = nn.init.ones_(q.weight)
+        >>> fold_query_scale(q, rows=2, scale_before=4**-0.5, head_dim_after=1)
+        >>> q.weight[:, 0].tolist()
+        [0.5, 0.5, 1.0, 1.0, 1.0, 1.0]
+    """
+    factor = scale_before * head_dim_after**0.5
+    if abs(factor - 1.0) < 1e-12:
+        return
+    with torch.no_grad():
+        query.weight[:rows].mul_(factor)
+        if query.bias is not None:
+            query.bias[:rows].mul_(factor)
+
+
+def _heads_fixup(name: str, qkv: nn.Linear, heads: int, parts: int, head_dim: int) -> Fixup:
     def fix(mod: nn.Module, ctx: FixupContext) -> None:
         n = ctx.heads(mod.qkv, heads)
-        head_dim = mod.qkv.out_features // (parts * n)
-        if head_dim * parts * n != mod.qkv.out_features:
+        new_dim = mod.qkv.out_features // (parts * n)
+        if new_dim * parts * n != mod.qkv.out_features:
             raise ValueError(f"qkv width {mod.qkv.out_features} is not {parts} x {n} heads")
         mod.num_heads = n
         if hasattr(mod, "head_dim"):
-            mod.head_dim = head_dim
+            mod.head_dim = new_dim
         if hasattr(mod, "attn_dim"):
-            mod.attn_dim = n * head_dim
-        if isinstance(getattr(mod, "scale", None), float):
-            mod.scale = head_dim**-0.5
+            mod.attn_dim = n * new_dim
+        if isinstance(getattr(mod, "scale", None), float) and new_dim != head_dim:
+            fold_query_scale(mod.qkv, n * new_dim, mod.scale, new_dim)
+            mod.scale = new_dim**-0.5
 
-    return Fixup(name, "reset num_heads/head_dim/attn_dim/scale from the pruned qkv", fix)
+    return Fixup(name, "reset num_heads/head_dim/attn_dim/scale from the pruned qkv (scale folded into q)", fix)
+
+
+def _unfused_trace(module: nn.Module) -> list[tuple[nn.Module, str, bool]]:
+    """Trace with timm's explicit attention products (torch-pruning does not follow the fused kernel)."""
+    return [(module, "fused_attn", False)] if isinstance(getattr(module, "fused_attn", None), bool) else []
 
 
 def _fused_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
@@ -122,10 +175,13 @@ def _fused_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecP
         return opaque_attention(module, "gated or older layout")
     if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
         return opaque_attention(module, "scale_norm over attn_dim")
+    if not isinstance(getattr(module, "scale", None), float) or abs(module.scale - module.head_dim**-0.5) > 1e-9:
+        return opaque_attention(module, "custom softmax scale")
     return SpecPart(
         num_heads={qkv: heads},
-        fixups=[_heads_fixup(name, qkv, heads, 3)],
+        fixups=[_heads_fixup(name, qkv, heads, 3, qkv.out_features // (3 * heads))],
         handled={id(m) for m in module.modules()},
+        trace_attrs=_unfused_trace(module),
     )
 
 
@@ -518,3 +574,145 @@ def _relpos_attention(module: nn.Module, name: str, ctx: AdapterContext) -> Spec
     # (reshape(B, N, C)), and the relative-position MLP emits one bias per head: the attention width must stay
     # the stream width, a coupling torch-pruning does not see. Keep the block and the stream it reads.
     return frozen_block(module, "reshapes to its input width; per-head relative-position bias", keep_input=True)
+
+
+def _sync_mixed_conv(mixed: nn.Module) -> None:
+    convs = list(mixed.values())
+    mixed.splits = [c.in_channels for c in convs]
+    mixed.in_channels = sum(mixed.splits)
+    mixed.out_channels = sum(c.out_channels for c in convs)
+
+
+@register_module_adapter(timm.layers.MixedConv2d)
+def _mixed_conv(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    # torch.split(x, self.splits) into convs of several kernel sizes, then torch.cat: torch-pruning prunes each
+    # chunk with its conv (the host fix maps the chunks); the split sizes are read back from the pruned convs.
+    if not all(isinstance(c, nn.Conv2d) for c in module.values()):
+        return None
+    fix = _split_fixup(name, "MixedConv2d: splits/in/out_channels from the pruned convs", _sync_mixed_conv)
+    return SpecPart(fixups=[fix])
+
+
+@register_module_adapter(timm.layers.GluMlp)
+def _glu_mlp(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    # fc1 -> chunk(2) -> act(x1) * x2 (SwiGLU packed): the two halves index the same hidden channels.
+    fc1, dim = getattr(module, "fc1", None), getattr(module, "chunk_dim", -1)
+    packed = (isinstance(fc1, nn.Linear) and dim in (-1, 2)) or (isinstance(fc1, nn.Conv2d) and dim == 1)
+    if not packed or fc1.weight.shape[0] % 2:
+        return None
+    return SpecPart(out_channel_groups={fc1: 2})
+
+
+# ----------------------------------------------------------------------------------------------- width-free attention
+# Attention classes whose forward reshapes with the input width C (``reshape(B, N, C)``, ``C // num_heads``): their
+# head dimensions are pruned like timm's Attention and the fix-up switches each pruned block to its width-free
+# subclass (widthfree.py: those reshapes get -1, exact on the unpruned block). {class: (query layer, its parts,
+# projections producing heads)}; ``sr`` (spatial reduction before k/v, reshaped with C) keeps its output and
+# the stream the block reads.
+def _width_free_fixup(
+    name: str, query: str, parts: int, heads: int, head_dim: int, projections: tuple, rewrite: bool, tables: bool
+) -> Fixup:
+    def fix(mod: nn.Module, ctx: FixupContext) -> None:
+        q = getattr(mod, query)
+        n = ctx.heads(q, heads)
+        if tables and n != heads:
+            raise ValueError(f"{heads - n} whole heads removed, but the per-head relative-position bias table cannot "
+                             "follow; prune head dimensions only (prune_num_heads=False)")
+        new_dim = q.out_features // (parts * n)
+        for proj in projections:
+            width = getattr(mod, proj).out_features
+            if width % n or (proj == query and new_dim * parts * n != width):
+                raise ValueError(f"{proj} width {width} is not a multiple of {n} heads")
+        mod.num_heads = n
+        if isinstance(getattr(mod, "head_dim", None), int):
+            mod.head_dim = new_dim
+        if new_dim != head_dim and isinstance(getattr(mod, "scale", None), float):
+            fold_query_scale(q, n * new_dim, mod.scale, new_dim)
+            mod.scale = new_dim**-0.5
+        if hasattr(mod, "attn_dim") and isinstance(mod.attn_dim, int):
+            mod.attn_dim = n * new_dim
+        if rewrite and (new_dim != head_dim or n != heads):
+            switch_to_width_free(mod)
+
+    return Fixup(name, "num_heads/head_dim/scale from the pruned projections; width-free forward", fix)
+
+
+_WIDTH_FREE: dict[type, tuple[str, int, tuple[str, ...], bool]] = {  # (query, parts, projections, rewrite)
+    timm.models.pvt_v2.Attention: ("q", 1, ("q", "kv"), True),
+    timm.models.crossvit.CrossAttention: ("wq", 1, ("wq", "wk", "wv"), True),
+    timm.models.cait.ClassAttn: ("q", 1, ("q", "k", "v"), True),
+    timm.models.convit.MHSA: ("qkv", 3, ("qkv",), True),
+    timm.models.davit.WindowAttention: ("qkv", 3, ("qkv",), True),
+    # already width-agnostic; a per-head relative-position bias table (kept whole: an ignored parameter)
+    timm.models.swin_transformer.WindowAttention: ("qkv", 3, ("qkv",), False),
+}
+
+
+@register_module_adapter(*_WIDTH_FREE)
+def _width_free_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    query, parts, projections, rewrite = _WIDTH_FREE[type(module)]
+    layers = [getattr(module, p, None) for p in projections]
+    heads = getattr(module, "num_heads", None)
+    if not all(isinstance(m, nn.Linear) for m in layers) or not isinstance(heads, int):
+        return None
+    if (rewrite and width_free_class(type(module)) is None) or layers[0].out_features % (parts * heads):
+        return None
+    head_dim = layers[0].out_features // (parts * heads)
+    # a bias table (positions x heads) added to the logits: torch-pruning would couple its head columns with the
+    # head dimensions; as an ignored parameter it keeps every column (whole heads are then refused)
+    tables = [p for n, p in module.named_parameters() if "relative_position_bias_table" in n]
+    part = SpecPart(
+        ignored_layers=list(tables),
+        num_heads={m: heads for m in layers},
+        fixups=[_width_free_fixup(name, query, parts, heads, head_dim, projections, rewrite, bool(tables))],
+        handled={id(m) for m in module.modules()},
+        trace_attrs=_unfused_trace(module),
+    )
+    sr = getattr(module, "sr", None)
+    if isinstance(sr, nn.Conv2d):
+        # self.sr(x).reshape(B, C, -1): the reduced map must keep the width of the stream the block reads
+        part.ignored_layers.append(sr)
+        part.pinned_inputs.append(module)
+        part.notes.append(f"{type(module).__name__}: spatial reduction and the stream it reads kept")
+    return part
+
+
+# ----------------------------------------------------------------------------------------------- attention kept whole
+# Attention classes that keep their heads and the stream they read, with the reason (reported in the spec notes).
+# The generic detection would freeze them the same way; naming the reason tells the user why the family stays
+# shallow. Each also reshapes its output to its input width.
+_KEPT_WHOLE: dict[str, str] = {
+    "beit.Attention": "qkv runs as F.linear with separate q/v biases (invisible to torch-pruning); per-head table",
+    "eva.EvaAttention": "rotary tables sized by head_dim; qkv may run as F.linear with separate q/v biases",
+    "cait.TalkingHeadAttn": "proj_l/proj_w mix heads on the logits (coupled with head dims by torch-pruning)",
+    "convit.GPSA": "positional gating per head on the logits (coupled with head dims by torch-pruning)",
+    "nest.Attention": "6-D qkv layout: torch-pruning maps pruned dims to the wrong q/k/v chunk",
+    "twins.LocallyGroupedAttn": "6-D qkv layout: torch-pruning maps pruned dims to the wrong q/k/v chunk",
+    "twins.GlobalSubSampleAttn": "k/v head width C // num_heads next to another -1: no exact width-free rewrite",
+    "xcit.XCA": "channel (cross-covariance) attention: removing a dimension is not zeroing it",
+    "davit.ChannelAttention": "channel attention: removing a dimension is not zeroing it",
+    "edgenext.CrossCovarianceAttn": "channel (cross-covariance) attention: removing a dimension is not zeroing it",
+    "swin_transformer_v2.WindowAttention": "cpb_mlp emits per-head biases; per-head logit scale; F.linear q/v biases",
+    "gcvit.WindowAttentionGlobal": "per-head relative-position bias and a global query from another branch",
+}
+
+
+def _kept_whole_classes() -> dict[type, str]:
+    import importlib
+
+    out = {}
+    for path, why in _KEPT_WHOLE.items():
+        module, _, cls = path.rpartition(".")
+        try:
+            out[getattr(importlib.import_module(f"timm.models.{module}"), cls)] = why
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
+_KEPT = _kept_whole_classes()
+
+
+@register_module_adapter(*_KEPT)
+def _kept_whole(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    return frozen_block(module, f"attention kept whole: {_KEPT[type(module)]}", keep_input=True)

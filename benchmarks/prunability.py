@@ -14,6 +14,8 @@ Usage:
     python benchmarks/prunability.py --suite timm torchvision
     python benchmarks/prunability.py --suite timm --only vit resnet   # re-run some, merged into the JSON
     python benchmarks/prunability.py --suite timm --importance magnitude --name prunability_magnitude --fresh
+    python benchmarks/prunability.py --suite transformers --name prunability_transformers --fresh
+    python benchmarks/prunability.py --suite smp --name prunability_smp --fresh
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ TV_FLOW = ("raft_small", "raft_large")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("sweep")
-    group.add_argument("--suite", nargs="+", default=["timm", "torchvision"], choices=["timm", "torchvision"])
+    group.add_argument("--suite", nargs="+", default=["timm", "torchvision"],
+                       choices=["timm", "torchvision", "transformers", "smp"])
     group.add_argument("--only", nargs="*", default=None, help="substrings of family/model names to (re)run")
     group.add_argument("--ratio", type=float, default=0.5, help="torch-pruning pruning_ratio")
     group.add_argument("--importance", default="orthoreg", choices=["orthoreg", "magnitude"])
@@ -116,6 +119,45 @@ def torchvision_models() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models)) + list(
         TV_DETECTION + TV_SEGMENTATION + TV_FLOW
     )
+
+
+# Hugging Face transformers vision models, random weights from small configs: {name: (class, config class, kwargs)}
+_HF_SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+HF_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "vit": ("ViTForImageClassification", "ViTConfig", {**_HF_SMALL, "intermediate_size": 128}),
+    "deit": ("DeiTForImageClassification", "DeiTConfig", {**_HF_SMALL, "intermediate_size": 128}),
+    "dinov2": ("Dinov2Model", "Dinov2Config", {**_HF_SMALL, "mlp_ratio": 2}),
+    "dinov2-classifier": ("Dinov2ForImageClassification", "Dinov2Config", {**_HF_SMALL, "mlp_ratio": 2}),
+    "swin": ("SwinForImageClassification", "SwinConfig", {"image_size": 32, "patch_size": 4, "embed_dim": 16,
+                                                         "depths": [1, 1], "num_heads": [2, 4], "window_size": 4}),
+}
+# segmentation_models_pytorch architectures x encoders, random weights (encoder_weights=None)
+SMP_MODELS = tuple(f"{arch}:{enc}" for arch in ("Unet", "FPN", "DeepLabV3Plus")
+                   for enc in ("resnet18", "mobilenet_v2", "efficientnet-b0"))
+
+
+def _hf_model(name: str) -> tuple[Any, Any]:
+    import torch
+    import transformers
+
+    cls, config_cls, kwargs = HF_MODELS[name]
+    config = getattr(transformers, config_cls)(**kwargs)
+    model = getattr(transformers, cls)(config).eval()
+    return model, torch.randn(1, 3, config.image_size, config.image_size)
+
+
+def _smp_model(name: str) -> tuple[Any, Any]:
+    import segmentation_models_pytorch as smp
+    import torch
+
+    arch, encoder = name.split(":")
+    model = getattr(smp, arch)(encoder, encoder_weights=None, classes=3).eval()
+    return model, torch.randn(1, 3, 64, 64)
+
+
+def _build(lib: str, name: str) -> tuple[Any, Any]:
+    builders = {"timm": _timm_model, "torchvision": _torchvision_model, "transformers": _hf_model, "smp": _smp_model}
+    return builders[lib](name)
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -230,7 +272,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {"lib": args.lib, "family": args.family, "model": args.model}
     start_wall, start_cpu = time.perf_counter(), _cpu_s()
     try:
-        model, x = _timm_model(args.model) if args.lib == "timm" else _torchvision_model(args.model)
+        model, x = _build(args.lib, args.model)
         record["input"] = list(x.shape) if isinstance(x, torch.Tensor) else "list"
         record["create_s"] = round(time.perf_counter() - start_wall, 2)
         record["params_before"] = sum(p.numel() for p in model.parameters())
@@ -305,11 +347,29 @@ def _failure(rec: dict[str, Any]) -> str:
     return f"`{rec['model']}` ({rec['status']}{size})"
 
 
+def _removed(rec: dict[str, Any]) -> str:
+    """Parameters removed, as a count and a share (shallow pruning shows as a small share)."""
+    if rec.get("params_after") is None or not rec.get("params_before"):
+        return ""
+    gone = rec["params_before"] - rec["params_after"]
+    return f"{gone / 1e6:.2f}M ({gone / rec['params_before']:.0%})"
+
+
+def _extra_jobs(suites: list[str]) -> list[tuple[str, str, str]]:
+    """Jobs of the optional-library suites (transformers, smp)."""
+    jobs: list[tuple[str, str, str]] = []
+    if "transformers" in suites:
+        jobs += [("transformers", name.split("-")[0], name) for name in HF_MODELS]
+    if "smp" in suites:
+        jobs += [("smp", name.split(":")[0], name) for name in SMP_MODELS]
+    return jobs
+
+
 def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s: float) -> str:
     lines = [f"Command: `{meta['command']}`  "]
     lines += [f"Re-run since, merged in: `{cmd}`  " for cmd in meta.get("reruns", [])]
     lines += [f"Machine: {meta['machine']}  ", f"Versions: {meta['versions']}  ", ""]
-    for lib in ("timm", "torchvision"):
+    for lib in ("timm", "torchvision", "transformers", "smp"):
         rows = [r for r in records if r["lib"] == lib]
         if not rows:
             continue
@@ -329,15 +389,17 @@ def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s:
             if items:
                 lines.append(f"- {lib} {label}: {', '.join(items)}  ")
     lines += ["", f"<details><summary>Per-model table ({len(records)} models)</summary>", "",
-              "| lib | family | model | input | status | params kept | MACs kept | accumulate+prune s "
-              "| CPU s | peak RSS GB | frozen / error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| lib | family | model | input | status | params kept | params removed | MACs kept | accumulate+prune s "
+              "| CPU s | peak RSS GB | frozen / error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["lib"], r.get("family") or "", r["model"])):
         note = "; ".join(r.get("frozen", []))[:160] or (r.get("error") or "")[:160]
         note = note.replace("|", "/").replace("\n", " ")
         kept = f"{r['params_after'] / r['params_before']:.0%}" if r.get("params_after") is not None else ""
         macs = f"{r['macs_after'] / r['macs_before']:.0%}" if r.get("macs_after") is not None else ""
+        removed = _removed(r)
         shape = "x".join(map(str, r["input"][2:])) if isinstance(r.get("input"), list) else r.get("input", "")
         lines.append(f"| {r['lib']} | {r.get('family') or ''} | {r['model']} | {shape} | {r['status']} | {kept} "
+                     f"| {removed} "
                      f"| {macs} | {r.get('total_s', '')} | {r.get('total_cpu_s', '')} | {r.get('peak_rss_gb', '')} "
                      f"| {note} |")
     lines += ["", "</details>"]
@@ -363,6 +425,7 @@ def main(args: argparse.Namespace) -> None:
         jobs += [("timm", fam, name) for fam, name in timm_families().items()]
     if "torchvision" in args.suite:
         jobs += [("torchvision", "", name) for name in torchvision_models()]
+    jobs += _extra_jobs(args.suite)
     if args.only:
         jobs = [j for j in jobs if any(s in j[1] or s in j[2] for s in args.only)]
     old: list[dict[str, Any]] = []
@@ -381,7 +444,7 @@ def main(args: argparse.Namespace) -> None:
         "machine": f"{cpu}, {os.cpu_count()} cores, {args.threads} torch threads, load average at start "
                    f"{os.getloadavg()[0]:.1f}",
         "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-                    f"torch-pruning {version('torch-pruning')}",
+                    f"torch-pruning {version('torch-pruning')}" + _extra_versions(args.suite),
         "ratio": args.ratio, "importance": args.importance, "limit_s": args.limit_s, "mem_gb": args.mem_gb,
     }
     if old and old_meta.get("command"):  # a partial re-run merged into an earlier sweep: say so
@@ -401,6 +464,17 @@ def main(args: argparse.Namespace) -> None:
     if args.update_readme:
         print("--update-readme is ignored: the README no longer carries the table (see benchmarks/README.md)",
               flush=True)
+
+
+def _extra_versions(suites: list[str]) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = ""
+    for suite, package in (("transformers", "transformers"), ("smp", "segmentation-models-pytorch")):
+        if suite in suites:
+            with contextlib.suppress(PackageNotFoundError):
+                out += f", {package} {version(package)}"
+    return out
 
 
 if __name__ == "__main__":

@@ -74,9 +74,13 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "skresnext": _timm("skresnext50_32x4d", layers=(1, 1, 1, 1), cardinality=4, base_width=8, stem_width=16),
     # a chunk of a split read by several ops (host inference overran the sizes); a parameter-free final RmsNorm
     "gemma4_vit": _gemma4_vit,
+    # torch.split by kernel-size groups into depthwise/pointwise convs of several kernel sizes, then torch.cat
+    "mixnet": _timm("mixnet_s"),
+    # EVA-02: a packed SwiGLU MLP (fc1 -> chunk(2) -> silu(x1) * x2); attention kept whole (rotary embeddings)
+    "eva02": _timm("eva02_tiny_patch14_224", img_size=64, depth=2),
 }
 #: BatchNorm CNNs: pruning must equal zeroing the removed channels' consumers.
-PRESERVING = ("fasternet", "inception_next", "rexnet", "dpn-b", "dpn", "skresnet", "skresnext")
+PRESERVING = ("fasternet", "inception_next", "rexnet", "dpn-b", "dpn", "skresnet", "skresnext", "mixnet")
 
 
 @pytest.mark.parametrize("name", list(MODELS))
