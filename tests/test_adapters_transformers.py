@@ -121,7 +121,7 @@ def test_timm_vit_attention_shrinks_through_prune() -> None:
 
     assert report.frozen == ()
     assert all(b.attn.qkv.out_features <= w // 2 + b.attn.num_heads * 3 for b, w in zip(model.blocks, widths))
-    assert report.params_fraction < 0.4
+    assert report.params_fraction < 0.6  # sheds at least 40% of its parameters (global ranking, the default)
     with torch.no_grad():
         out = model(x)
     assert out.shape == (1, 10) and torch.isfinite(out).all()
@@ -287,7 +287,8 @@ def test_hf_vision_models_pruned_in_depth(name: str) -> None:
         before = model(x)[0]
     widths = [m.q_proj.out_features for m in model.modules() if hasattr(m, "q_proj")]
 
-    report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
+    # per-layer ranking: every attention block loses exactly half its head dimensions
+    report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5, global_ranking=False)
 
     assert report.frozen == () and report.spec["unhandled"] == []
     assert report.params_fraction < (0.7 if name == "dinov2" else 0.4)
