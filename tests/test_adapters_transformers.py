@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from orthoreg_tp.adapters import host_fixes, prepare, prune
+from orthoreg_tp.adapters import adapted_pruner_class, prepare, prune
 
 
 class _Block(nn.Module):
@@ -39,22 +39,21 @@ def _prune_recording(model: nn.Module, x: torch.Tensor, layers: dict[str, str], 
     alive: dict[str, list[int]] = {}
     removed: dict[str, list[int]] = {n: [] for n in layers}
     spec = prepare(model, x)
-    with host_fixes():
-        pruner = tp.pruner.MetaPruner(
-            model, x, importance=tp.importance.RandomImportance(), pruning_ratio=0.5, **spec.pruner_kwargs(), **kwargs
-        )
-        for group in pruner.step(interactive=True):
-            for dep, idxs in group:
-                name = names.get(dep.target.module)
-                if name not in layers or dep.handler not in fns[layers[name]]:
-                    continue
-                layer = dep.target.module
-                width = layer.out_features if layers[name] == "out" else layer.in_features
-                current = alive.get(name, list(range(width)))
-                drop = set(idxs)
-                removed[name].extend(current[i] for i in drop)
-                alive[name] = [c for i, c in enumerate(current) if i not in drop]
-            group.prune()
+    pruner = adapted_pruner_class(tp.pruner.MetaPruner)(  # the robust graph; finalize is called below
+        model, x, importance=tp.importance.RandomImportance(), pruning_ratio=0.5, **spec.pruner_kwargs(), **kwargs
+    )
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            name = names.get(dep.target.module)
+            if name not in layers or dep.handler not in fns[layers[name]]:
+                continue
+            layer = dep.target.module
+            width = layer.out_features if layers[name] == "out" else layer.in_features
+            current = alive.get(name, list(range(width)))
+            drop = set(idxs)
+            removed[name].extend(current[i] for i in drop)
+            alive[name] = [c for i, c in enumerate(current) if i not in drop]
+        group.prune()
     spec.finalize(model, pruner)
     return removed
 

@@ -229,7 +229,7 @@ def test_pruning_mask_is_a_dry_run():
     assert mask_distance(mask, pruning_mask(model, X, imp, ratio=0.5)) == 0.0
 
 
-def test_prune_round_of_a_timm_model_runs_under_host_fixes():
+def test_prune_round_of_a_timm_model_needing_graph_fixes():
     # FasterNet's partial conv needs orthoreg_tp.adapters' host fixes in the graph build, step and replay.
     import timm
 
