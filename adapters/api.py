@@ -55,10 +55,12 @@ def _out_of_memory(err: BaseException) -> bool:
 def _reference_forward(model: nn.Module, example_inputs: Any) -> tuple[bool | None, Trace]:
     """Trace the unpruned model once; pick the calling convention; raise ValueError when inputs do not fit."""
     styles: tuple[bool | None, ...] = (True, False) if isinstance(example_inputs, (tuple, list)) else (None,)
+    adapter = _pick_adapter(model)
+    select = adapter.outputs if adapter is not None else None
     error: Exception | None = None
     for unpack in styles:
         try:
-            return unpack, trace_outputs(model, example_inputs, unpack=unpack)
+            return unpack, trace_outputs(model, example_inputs, unpack=unpack, select=select)
         except Exception as err:
             if _out_of_memory(err):
                 raise  # not a problem with the inputs
@@ -99,7 +101,9 @@ def _build_spec(
         if id(m) not in handled
     )
     check_shape = adapter.check_output_shape(model) if adapter is not None else True
-    return merge_parts(parts, model_class=type(model).__name__, source=source, check_output_shape=check_shape)
+    select = adapter.outputs if adapter is not None else None
+    return merge_parts(parts, model_class=type(model).__name__, source=source, check_output_shape=check_shape,
+                       select_outputs=select)
 
 
 class _ModeGuard:

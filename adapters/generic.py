@@ -167,8 +167,14 @@ class Trace:
     opaque: dict[int, str] = field(default_factory=dict)
 
 
-def trace_outputs(model: nn.Module, example_inputs: Any, *, unpack: bool | None = None) -> Trace:
-    """Run one forward pass with autograd (exceptions propagate) and describe it as a :class:`Trace`."""
+def trace_outputs(
+    model: nn.Module, example_inputs: Any, *, unpack: bool | None = None, select: Callable[[Any], Any] | None = None
+) -> Trace:
+    """Run one forward pass with autograd (exceptions propagate) and describe it as a :class:`Trace`.
+
+    ``select(output)`` picks the outputs that count (:attr:`Trace.outputs`, :attr:`Trace.output_layers`); every
+    output still counts for the parameters the pass uses.
+    """
     grad_fn_to_layer: dict[Any, nn.Module] = {}
     fired: set[int] = set()
     macs = [0]
@@ -194,14 +200,15 @@ def trace_outputs(model: nn.Module, example_inputs: Any, *, unpack: bool | None 
         for p, flag in flags.items():
             p.requires_grad_(flag)
     tensors = flatten_tensors(out)
+    kept = flatten_tensors(select(out)) if select is not None else tensors
     used = _used_parameters(tensors)
     functional = [
         m for m in layers if id(m) not in fired and any(id(p) in used for p in m.parameters(recurse=False))
     ]
     return Trace(
-        outputs=tuple(t.detach() for t in tensors),
+        outputs=tuple(t.detach() for t in kept),
         macs=macs[0],
-        output_layers=find_output_layers(model, tensors, grad_fn_to_layer),
+        output_layers=find_output_layers(model, kept, grad_fn_to_layer),
         functional=functional,
         opaque=opaque_parameter_uses(tensors),
     )

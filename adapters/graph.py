@@ -19,9 +19,14 @@ runs unchanged. The host bugs it works around, each reproduced in ``tests/test_a
   (``q * k``) gets one. Here consumers are matched by the chunks they read (``output_nr`` in the autograd
   graph), a layer applied to several chunks gets every chunk it reads, and an unbind whose consumers cannot be
   matched is blocked.
+- **equal chunks**: ``x.chunk(n)`` re-derives equal chunk sizes from the pruned width at run time, but the
+  host prunes each chunk on its own (YOLO's C2f: one chunk feeds the concat only, the other a bottleneck too),
+  so the chunks end unequal and mis-split. Here channel ``i`` of one chunk is coupled with channel ``i`` of the
+  others (:class:`ChunkMirrorMapping` on the edge into the split).
 - **concat sizes**: a concat input produced by a split or a slice is sized before the split's sizes are known
   (FasterNet's ``cat((conv(x1), x2))``): the concat keeps the identity mapping and a later chunk prunes the
-  wrong consumer inputs. Here such inputs are sized from the autograd node.
+  wrong consumer inputs. Here such inputs are sized from the autograd node; a split feeding one concat
+  several chunks (``cat(x.chunk(2))``) is listed once per chunk and each listing gets its own chunk's size.
 - **updater crashes**: ``sum`` over a channel list holding ``None`` (CoaT), a 5-D ``expand`` taken for grouped-
   query attention with ``head_dim`` 0 (HaloNet). Each updater is guarded: on an exception the node keeps the
   identity mapping.
@@ -111,6 +116,29 @@ FlattenMapping = GUARDED_MAPPINGS[index_mapping._FlattenIndexMapping]
 ConcatMapping = GUARDED_MAPPINGS[index_mapping._ConcatIndexMapping]
 SplitMapping = GUARDED_MAPPINGS[index_mapping._SplitIndexMapping]
 SliceMapping = GUARDED_MAPPINGS[index_mapping._SliceIndexMapping]
+
+
+class ChunkMirrorMapping:
+    """Index mapping into a split whose equal chunks are sized from the width (``x.chunk(n)``, ``x.split(w // n)``).
+
+    Such a split re-derives its sizes from the pruned width at run time, so the chunks must stay equal: channel
+    ``i`` of one chunk is coupled with channel ``i`` of every other chunk (``i mod step + k * step``).
+
+    Args:
+        step: Current chunk width.
+        n_chunks: Number of chunks.
+    """
+
+    def __init__(self, step: int, n_chunks: int) -> None:
+        self.step, self.n_chunks, self.reverse = int(step), int(n_chunks), False
+
+    def __call__(self, idxs: Any) -> list[Any]:  # noqa: D102 - the mapping protocol of torch-pruning
+        out = []
+        for i in idxs:
+            base = i.idx % self.step
+            out.extend(_helpers._HybridIndex(idx=base + k * self.step, root_idx=i.root_idx)
+                       for k in range(self.n_chunks))
+        return out
 
 
 def _sizes_known(layer: Any, attr: str) -> bool:
@@ -210,6 +238,7 @@ class RobustDependencyGraph(tp.DependencyGraph):
         self._channel_slice: dict[Any, bool | None] = {}  # slice node -> cuts channels? (unpruned shapes)
         self._reshape_stride: dict[Any, tuple[int, bool] | None] = {}  # reshape node -> (stride, unflatten)
         self._sized_splits: set[Any] = set()
+        self._equal_splits: set[Any] = set()  # splits into equal chunks derived from the width (chunks mirrored)
 
     def _refresh_pruning_fn_cache(self) -> None:
         pruners = [p for p in (*self.REGISTERED_PRUNERS.values(), *self.CUSTOMIZED_PRUNERS.values()) if p is not None]
@@ -313,17 +342,28 @@ class RobustDependencyGraph(tp.DependencyGraph):
                 return
             module.split_sizes = sizes
             self._sized_splits.add(node)
+            if getattr(node.grad_fn, "_saved_split_sizes", None) is None and len(set(sizes)) == 1 and len(sizes) > 1:
+                self._equal_splits.add(node)  # chunk(n): sizes re-derived from the width at run time
         offsets = [0]
         for size in module.split_sizes:
             offsets.append(offsets[-1] + size)
         module.offsets = offsets
+        if node in self._equal_splits and len(set(module.split_sizes)) == 1:
+            for in_node in node.inputs:
+                for dep in in_node.dependencies:
+                    if dep.target is node and dep.index_mapping[0] is None:
+                        dep.index_mapping[0] = ChunkMirrorMapping(module.split_sizes[0], len(module.split_sizes))
         chunks = _chunk_assignment(node, len(module.split_sizes))
         _set_chunk_mappings(node, [offsets[c : c + 2] if c is not None else None for c in chunks])
 
     def _update_concat(self, node: Any) -> None:
         module = node.module
         if getattr(module, "concat_sizes", None) is None:
-            sizes = [_concat_input_width(self, in_node, node) for in_node in node.inputs]
+            seen: dict[int, int] = {}  # an input listed k times (several chunks of one split) is read k times
+            sizes = []
+            for in_node in node.inputs:
+                occurrence = seen[id(in_node)] = seen.get(id(in_node), -1) + 1
+                sizes.append(_concat_input_width(self, in_node, node, occurrence))
             if None not in sizes:
                 module.concat_sizes = sizes
         sizes = getattr(module, "concat_sizes", None)
@@ -656,9 +696,15 @@ def _channel_split_sizes(node: Any, graph: Any = None) -> list[int] | None:
     return [min(int(step), total - i) for i in range(0, total, int(step))]
 
 
-def _split_chunk_size(graph: Any, split_node: Any, consumer: Any) -> int | None:
-    """Width of the chunk of ``split_node`` that ``consumer`` reads (``None`` when unknown or ambiguous)."""
+def _split_chunk_size(graph: Any, split_node: Any, consumer: Any, occurrence: int | None = None) -> int | None:
+    """Width of the chunk of ``split_node`` that ``consumer`` reads (``None`` when unknown or ambiguous).
+
+    A consumer reading several chunks (``cat(x.chunk(2))``) lists the split once per chunk: ``occurrence`` says
+    which of its reads is meant (without it, several reads are ambiguous).
+    """
     reads = _output_nrs(split_node, consumer)
+    if occurrence is not None and len(reads) > 1:
+        reads = reads[occurrence : occurrence + 1]
     if len(reads) != 1:
         return None
     module = split_node.module
@@ -678,10 +724,13 @@ def _slice_width(graph: Any, node: Any) -> int | None:
     return len(range(start, min(int(module.end), total), int(module.step)))
 
 
-def _concat_input_width(graph: Any, in_node: Any, consumer: Any) -> int | None:
-    """Width of one concat input: a split chunk, a channel slice, or an element-wise op reading one of them."""
+def _concat_input_width(graph: Any, in_node: Any, consumer: Any, occurrence: int = 0) -> int | None:
+    """Width of one concat input: a split chunk, a channel slice, or an element-wise op reading one of them.
+
+    ``occurrence``: which listing of ``in_node`` among the concat's inputs (a split feeding it several chunks).
+    """
     if in_node.type == ops.OPTYPE.SPLIT:
-        return _split_chunk_size(graph, in_node, consumer)
+        return _split_chunk_size(graph, in_node, consumer, occurrence)
     if in_node.type == ops.OPTYPE.SLICE:
         return _slice_width(graph, in_node)
     if in_node.type == ops.OPTYPE.ELEMENTWISE:

@@ -49,12 +49,18 @@ ModuleAdapterFn = Callable[[nn.Module, str, AdapterContext], "SpecPart | None"]
 
 @dataclass(frozen=True)
 class ModelAdapter:
-    """Whole-model adapter: ``detect(model)`` says whether it applies, ``describe(model, ctx)`` contributes."""
+    """Whole-model adapter: ``detect(model)`` says whether it applies, ``describe(model, ctx)`` contributes.
+
+    ``outputs(model_output)`` picks the predictions out of what the model returns; the rest (feature maps a
+    detector hands back for its loss, say) may change width with pruning. ``None``: every output tensor counts
+    (its producers keep their widths and verification checks its shape).
+    """
 
     source: str
     detect: Callable[[nn.Module], bool]
     describe: Callable[[nn.Module, AdapterContext], SpecPart]
     check_output_shape: Callable[[nn.Module], bool] = lambda model: True
+    outputs: Callable[[Any], Any] | None = None
 
 
 _MODULE_ADAPTERS: dict[type, list[ModuleAdapterFn]] = {}
@@ -63,6 +69,7 @@ _BUILTINS = ("orthoreg_tp.adapters.timm", "orthoreg_tp.adapters.torchvision")
 # (adapter module, the package it needs): one entry per optional library
 _OPTIONAL_BUILTINS: tuple[tuple[str, str], ...] = (
     ("orthoreg_tp.adapters.transformers", "transformers"),
+    ("orthoreg_tp.adapters.ultralytics", "ultralytics"),
 )
 _loaded = False
 

@@ -222,7 +222,8 @@ class PruneSession:
             channels_after = _compat.prunable_channel_count(pruner)
         history = tuple([str(n), bool(o), [int(i) for i in idxs]] for n, o, idxs in pruner.DG.pruning_history())
         self.spec.finalize(self.model, pruner)
-        result = checked_forward(self.model, self.example_inputs, names=self.names, unpack=self.unpack)
+        result = checked_forward(self.model, self.example_inputs, names=self.names, unpack=self.unpack,
+                                 select=self.spec.select_outputs)
         problem = compare_outputs(self.reference.outputs, result.tensors, check_shape=self.spec.check_output_shape)
         if problem is not None:
             layer = None

@@ -99,6 +99,8 @@ class PruningSpec:
             (and restored right after): e.g. ``fused_attn=False`` on attention blocks, so that the traced graph
             runs through the explicit ``q @ k.T`` / ``attn @ v`` products torch-pruning follows, instead of a
             fused kernel it cannot see through. Handed to the pruner as its ``forward_fn``.
+        select_outputs: Picks the predictions out of the model's output (see ``ModelAdapter.outputs``);
+            ``None``: every output tensor.
 
     Example:
         >>> import torch, torch_pruning as tp, torchvision
@@ -124,6 +126,7 @@ class PruningSpec:
     notes: tuple[str, ...] = ()
     check_output_shape: bool = True
     trace_attrs: tuple[tuple[Any, str, Any], ...] = ()
+    select_outputs: Callable[[Any], Any] | None = None
     # The num_heads dict most recently handed to a pruner (it is updated in place by head pruning).
     _issued_heads: list[dict[nn.Module, int]] = field(default_factory=list, repr=False, compare=False)
 
@@ -244,7 +247,12 @@ def _dedup(items: Iterable[Any]) -> list[Any]:
 
 
 def merge_parts(
-    parts: Iterable[SpecPart], *, model_class: str, source: str, check_output_shape: bool = True
+    parts: Iterable[SpecPart],
+    *,
+    model_class: str,
+    source: str,
+    check_output_shape: bool = True,
+    select_outputs: Callable[[Any], Any] | None = None,
 ) -> PruningSpec:
     """Fold adapter contributions into one frozen :class:`PruningSpec`.
 
@@ -293,4 +301,5 @@ def merge_parts(
         notes=tuple(dict.fromkeys(notes)),
         check_output_shape=check_output_shape,
         trace_attrs=tuple(trace_attrs.values()),
+        select_outputs=select_outputs,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +44,14 @@ def checked_forward(
     *,
     names: dict[nn.Module, str] | None = None,
     unpack: bool | None = None,
+    select: Callable[[Any], Any] | None = None,
 ) -> ForwardResult:
     """Run ``model`` once under ``no_grad``, counting conv/linear MACs and naming the layer that fails.
 
     MACs follow torch-pruning's convention: conv, linear and ``nn.MultiheadAttention`` projections, counted
     from their output shapes; functional matmuls inside attention are not counted.
+
+    ``select(output)`` picks the output tensors returned (all of them by default).
 
     Raises:
         VerificationError: The forward pass raised; ``layer`` is the innermost module that was running.
@@ -80,6 +84,7 @@ def checked_forward(
     finally:
         for h in handles:
             h.remove()
+    out = select(out) if select is not None else out
     return ForwardResult(tuple(t.detach() for t in flatten_tensors(out)), macs[0])
 
 

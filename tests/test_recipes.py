@@ -192,7 +192,7 @@ def test_round_to_and_normalizer_options(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "magic"], "invalid choice: 'magic'"),
-    (["--round-to", "0"], "round_to must be a positive integer, got 0"),
+    (["--round-to", "0"], "argument --round-to: expected a positive integer or 'auto', got '0'"),
     (["--normalizer", "median"], "invalid choice: 'median'"),
     (["--prune-percent", "96"], "prune_percent must be in [0, 95], got 96.0"),
     (["--prune-percent", "-5"], "prune_percent must be in [0, 95], got -5.0"),
