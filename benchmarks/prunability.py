@@ -16,6 +16,7 @@ Usage:
     python benchmarks/prunability.py --suite timm --importance magnitude --name prunability_magnitude --fresh
     python benchmarks/prunability.py --suite transformers --name prunability_transformers --fresh
     python benchmarks/prunability.py --suite smp --name prunability_smp --fresh
+    python benchmarks/prunability.py --suite ultralytics --name prunability_ultralytics --fresh --threads 1
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("sweep")
     group.add_argument("--suite", nargs="+", default=["timm", "torchvision"],
-                       choices=["timm", "torchvision", "transformers", "smp"])
+                       choices=["timm", "torchvision", "transformers", "smp", "ultralytics"])
     group.add_argument("--only", nargs="*", default=None, help="substrings of family/model names to (re)run")
     group.add_argument("--ratio", type=float, default=0.5, help="torch-pruning pruning_ratio")
     group.add_argument("--importance", default="orthoreg", choices=["orthoreg", "magnitude"])
@@ -134,6 +135,9 @@ HF_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
 # segmentation_models_pytorch architectures x encoders, random weights (encoder_weights=None)
 SMP_MODELS = tuple(f"{arch}:{enc}" for arch in ("Unet", "FPN", "DeepLabV3Plus")
                    for enc in ("resnet18", "mobilenet_v2", "efficientnet-b0"))
+# Ultralytics YOLO task models built from their YAML (random weights, nothing downloaded): YOLO(name).model
+YOLO_MODELS = ("yolov8n.yaml", "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolov8n-cls.yaml", "yolo11n.yaml",
+               "yolo11n-seg.yaml", "yolo11n-pose.yaml", "yolo11n-cls.yaml", "yolo11n-obb.yaml")
 
 
 def _hf_model(name: str) -> tuple[Any, Any]:
@@ -155,8 +159,17 @@ def _smp_model(name: str) -> tuple[Any, Any]:
     return model, torch.randn(1, 3, 64, 64)
 
 
+def _yolo_model(name: str) -> tuple[Any, Any]:
+    import torch
+    import ultralytics
+
+    model = ultralytics.YOLO(name).model.eval()
+    return model, torch.randn(1, 3, 64, 64)
+
+
 def _build(lib: str, name: str) -> tuple[Any, Any]:
-    builders = {"timm": _timm_model, "torchvision": _torchvision_model, "transformers": _hf_model, "smp": _smp_model}
+    builders = {"timm": _timm_model, "torchvision": _torchvision_model, "transformers": _hf_model, "smp": _smp_model,
+                "ultralytics": _yolo_model}
     return builders[lib](name)
 
 
@@ -356,12 +369,14 @@ def _removed(rec: dict[str, Any]) -> str:
 
 
 def _extra_jobs(suites: list[str]) -> list[tuple[str, str, str]]:
-    """Jobs of the optional-library suites (transformers, smp)."""
+    """Jobs of the optional-library suites (transformers, smp, ultralytics)."""
     jobs: list[tuple[str, str, str]] = []
     if "transformers" in suites:
         jobs += [("transformers", name.split("-")[0], name) for name in HF_MODELS]
     if "smp" in suites:
         jobs += [("smp", name.split(":")[0], name) for name in SMP_MODELS]
+    if "ultralytics" in suites:  # family: the task (detect, seg, pose, cls, obb)
+        jobs += [("ultralytics", (name[:-5].split("-") + ["detect"])[1], name) for name in YOLO_MODELS]
     return jobs
 
 
@@ -369,7 +384,7 @@ def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s:
     lines = [f"Command: `{meta['command']}`  "]
     lines += [f"Re-run since, merged in: `{cmd}`  " for cmd in meta.get("reruns", [])]
     lines += [f"Machine: {meta['machine']}  ", f"Versions: {meta['versions']}  ", ""]
-    for lib in ("timm", "torchvision", "transformers", "smp"):
+    for lib in ("timm", "torchvision", "transformers", "smp", "ultralytics"):
         rows = [r for r in records if r["lib"] == lib]
         if not rows:
             continue
@@ -470,7 +485,8 @@ def _extra_versions(suites: list[str]) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     out = ""
-    for suite, package in (("transformers", "transformers"), ("smp", "segmentation-models-pytorch")):
+    for suite, package in (("transformers", "transformers"), ("smp", "segmentation-models-pytorch"),
+                           ("ultralytics", "ultralytics")):
         if suite in suites:
             with contextlib.suppress(PackageNotFoundError):
                 out += f", {package} {version(package)}"
