@@ -351,7 +351,8 @@ class RobustDependencyGraph(tp.DependencyGraph):
         if node in self._equal_splits and len(set(module.split_sizes)) == 1:
             for in_node in node.inputs:
                 for dep in in_node.dependencies:
-                    if dep.target is node and dep.index_mapping[0] is None:
+                    if dep.target is node and (dep.index_mapping[0] is None
+                                               or isinstance(dep.index_mapping[0], ChunkMirrorMapping)):
                         dep.index_mapping[0] = ChunkMirrorMapping(module.split_sizes[0], len(module.split_sizes))
         chunks = _chunk_assignment(node, len(module.split_sizes))
         _set_chunk_mappings(node, [offsets[c : c + 2] if c is not None else None for c in chunks])

@@ -1,0 +1,150 @@
+"""Ultralytics YOLO (v8, 11; detect, segment, pose, classify, OBB) pruned as built, with random weights.
+
+Models are built from ultralytics' YAML names (no download). Skipped without ``ultralytics`` (installed by the
+``dev`` extra, so CI runs them).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+ultralytics = pytest.importorskip("ultralytics")
+
+from orthoreg_tp.adapters import build_pruner, prepare, prune  # noqa: E402
+from orthoreg_tp.adapters.ultralytics import is_ultralytics_model, yolo_predictions  # noqa: E402
+
+X = torch.randn(1, 3, 64, 64)
+HEAD_BRANCHES = ("cv2", "cv3", "cv4")
+
+
+def _yolo(cfg: str):
+    torch.manual_seed(0)
+    return ultralytics.YOLO(cfg)
+
+
+def _shapes(output):
+    if torch.is_tensor(output):
+        return tuple(output.shape)
+    if isinstance(output, dict):
+        return {k: _shapes(v) for k, v in output.items()}
+    if isinstance(output, (list, tuple)):
+        return [_shapes(v) for v in output]
+    return type(output).__name__
+
+
+def _prediction_shapes(model: nn.Module) -> tuple:
+    modes = {m: m.training for m in model.modules()}
+    with torch.no_grad():
+        model.eval()
+        evaluated = _shapes(yolo_predictions(model(X)))
+        model.train()
+        trained = _shapes(yolo_predictions(model(X)))
+    for m, mode in modes.items():
+        m.train(mode)
+    return evaluated, trained
+
+
+def _head_outputs(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(in, out) channels of the head's prediction convolutions and DFL, by name."""
+    head = model.model[-1]
+    out = {}
+    for attr in HEAD_BRANCHES:
+        for i, branch in enumerate(getattr(head, attr, ())):
+            conv = [m for m in branch.modules() if isinstance(m, nn.Conv2d)][-1]
+            out[f"{attr}.{i}"] = (conv.in_channels, conv.out_channels)
+    if getattr(head, "dfl", None) is not None and isinstance(head.dfl, nn.Module):
+        out["dfl"] = (head.dfl.conv.in_channels, head.dfl.conv.out_channels)
+    if getattr(head, "proto", None) is not None:
+        out["proto"] = (head.proto.cv3.conv.out_channels,)
+    return out
+
+
+FAST = ["yolov8n.yaml", "yolo11n-seg.yaml"]
+SLOW = ["yolo11n.yaml", "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolo11n-pose.yaml", "yolov8n-cls.yaml",
+        "yolo11n-cls.yaml", "yolo11n-obb.yaml"]
+
+
+@pytest.mark.parametrize("cfg", FAST + [pytest.param(c, marks=pytest.mark.slow) for c in SLOW])
+def test_yolo_prunes_at_half_with_every_prediction_kept(cfg):
+    model = _yolo(cfg).model
+    assert is_ultralytics_model(model)
+    before_shapes, before_heads = _prediction_shapes(model), _head_outputs(model)
+    head_out = {k: v[1:] for k, v in before_heads.items()}  # output widths (inputs may shrink)
+    classes = {type(m) for m in model.modules()}
+    report = prune(model, X, ratio=0.5, importance=tp.importance.MagnitudeImportance())
+    assert report.source == "ultralytics"
+    assert not report.frozen, report.frozen
+    assert report.params_after <= 0.6 * report.params_before, report  # at least 40% of the parameters removed
+    assert _prediction_shapes(model) == before_shapes
+    assert {k: v[1:] for k, v in _head_outputs(model).items()} == head_out
+    if "dfl" in before_heads:
+        assert _head_outputs(model)["dfl"] == before_heads["dfl"]  # DFL intact: 16 bins in, 1 out
+    assert {type(m) for m in model.modules()} == classes  # nothing swapped
+    assert not any("feats" in n for n in report.spec["unhandled"])
+
+
+def test_neck_features_returned_for_the_loss_may_shrink():
+    model = _yolo("yolov8n.yaml").model.eval()
+    spec = prepare(model, X)
+    head = model.model[-1]
+    kept = set(spec.ignored_layers)
+    # the neck C2f blocks feeding the head are not output layers (only their feature maps' sizes are read)
+    feeders = [model.model[i].cv2.conv for i in head.f]
+    assert not kept & set(feeders)
+    assert any("feats" in note for note in spec.notes)
+
+
+def test_pruned_yolo_runs_through_the_ultralytics_predictor():
+    import numpy as np
+
+    yolo = _yolo("yolov8n.yaml")
+    prune(yolo.model, X, ratio=0.5, importance=tp.importance.MagnitudeImportance())
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    results = yolo.predict(image, imgsz=64, device="cpu", conf=0.0, verbose=False)
+    assert len(results) == 1 and results[0].boxes is not None
+    assert results[0].boxes.data.shape[-1] == 6  # x1, y1, x2, y2, score, class
+
+
+def test_build_pruner_drives_yolo_by_hand():
+    model = _yolo("yolo11n.yaml").model.eval()
+    before = _prediction_shapes(model)
+    pruner = build_pruner(model, X, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5,
+                          global_pruning=True, iterative_steps=2)
+    for _ in range(2):
+        pruner.step()
+        assert _prediction_shapes(model) == before
+    assert sum(p.numel() for p in model.parameters()) < 0.7 * 2_624_080
+
+
+@pytest.mark.slow
+def test_pruned_yolo_fine_tunes_with_the_ultralytics_trainer(tmp_path, monkeypatch):
+    """The documented fine-tuning lines: a trainer handed the pruned module trains it and saves it pruned."""
+    import numpy as np
+    from PIL import Image
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        for i in range(4):
+            pixels = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / split / f"{i}.jpg")
+            (tmp_path / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: thing\n")
+
+    yolo = _yolo("yolov8n.yaml")
+    prune(yolo.model, X, ratio=0.5, importance=tp.importance.MagnitudeImportance())
+    widths = [m.out_channels for m in yolo.model.modules() if isinstance(m, nn.Conv2d)]
+    trainer = DetectionTrainer(overrides=dict(model="yolov8n.yaml", data=str(data), epochs=1, imgsz=64, batch=2,
+                                              workers=0, device="cpu", plots=False, amp=False,
+                                              project=str(tmp_path / "runs"), name="ft", verbose=False))
+    trainer.model = yolo.model  # a model set beforehand is trained as it is (not rebuilt from its YAML)
+    trainer.train()
+    tuned = ultralytics.YOLO(str(trainer.best))
+    assert [m.out_channels for m in tuned.model.modules() if isinstance(m, nn.Conv2d)] == widths
