@@ -148,3 +148,23 @@ def test_pruned_yolo_fine_tunes_with_the_ultralytics_trainer(tmp_path, monkeypat
     trainer.train()
     tuned = ultralytics.YOLO(str(trainer.best))
     assert [m.out_channels for m in tuned.model.modules() if isinstance(m, nn.Conv2d)] == widths
+
+
+def test_orthoreg_importance_from_the_yolo_loss():
+    """The documented importance pass: ultralytics' own loss, averaged over the batch, then accumulate_grad."""
+    from ultralytics.cfg import get_cfg
+
+    from orthoreg_tp import OrthoRegImportance
+
+    model = _yolo("yolov8n.yaml").model
+    model.args = get_cfg()  # the loss gains (box, cls, dfl) a trainer would set
+    imp = OrthoRegImportance()
+    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]),
+             "cls": torch.tensor([[0.0], [3.0]]), "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.6, 0.2, 0.3]])}
+    model.train()
+    loss, _ = model.loss(batch)  # per-term losses times the batch size
+    (loss.sum() / 2).backward()
+    imp.accumulate_grad(model, num_samples=2)
+    model.eval()
+    report = prune(model, X, ratio=0.5, importance=imp)
+    assert not report.frozen and report.params_after < 0.6 * report.params_before
