@@ -17,6 +17,7 @@ from .config import AUTO_ROUND_TO, TARGET_KINDS, PruneConfig
 from .generic import Trace, call_style, describe_modules, input_producers, run_model, trace_outputs
 from .latency import LatencyProbe
 from .opaque import describe_opaque_parameters, describe_tied_parameters
+from .pruner import check_importance
 from .registry import AdapterContext, ModelAdapter, model_adapters
 from .report import PruneReport, PruningError
 from .session import ImportanceFailure, PruneSession, StepError, Trial, make_pruner
@@ -233,6 +234,7 @@ def prune(
         True
     """
     start = time.perf_counter()
+    check_importance(importance)
     options.update(ratio=ratio, target=target)
     cfg, pruner_kwargs = _split_options(config, options)
     names = {m: n for n, m in model.named_modules()}

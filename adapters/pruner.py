@@ -148,6 +148,22 @@ def _merged_kwargs(model: nn.Module, spec: Any, user: dict[str, Any]) -> dict[st
     return kwargs
 
 
+def check_importance(importance: Any) -> None:
+    """Raise a ``TypeError`` naming the problem unless ``importance`` is a torch-pruning importance (a callable).
+
+    Example:
+        >>> check_importance("magnitude")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: importance must be a torch-pruning importance object (...), got str: 'magnitude'
+    """
+    if not callable(importance):
+        raise TypeError(
+            "importance must be a torch-pruning importance object (e.g. tp.importance.GroupMagnitudeImportance() "
+            f"or orthoreg_tp.OrthoRegImportance()), got {type(importance).__name__}: {importance!r}"
+        )
+
+
 def build_pruner(
     model: nn.Module,
     example_inputs: Any,
@@ -178,7 +194,7 @@ def build_pruner(
         The pruner.
 
     Raises:
-        TypeError: ``pruner_class`` is not a ``tp.pruner.BasePruner`` subclass.
+        TypeError: ``pruner_class`` is not a ``tp.pruner.BasePruner`` subclass, or ``importance`` is not callable.
         ValueError: ``example_inputs`` do not run through the model (from ``prepare``), or ``model`` or
             ``example_inputs`` is passed as a keyword too.
 
@@ -194,6 +210,7 @@ def build_pruner(
     for key in ("model", "example_inputs", "importance"):
         if key in torch_pruning_kwargs:
             raise ValueError(f"{key!r} is build_pruner's own argument; do not pass it as a pruner keyword")
+    check_importance(importance)
     cls = adapted_pruner_class(pruner_class)
     if spec is None:
         from .api import prepare

@@ -272,3 +272,17 @@ def test_global_ranking_still_protects_floor_channels():
     assert model[2].out_channels == keep_floor(16, 0.05)
 
 
+
+
+@pytest.mark.parametrize("entry", ["prune", "build_pruner"])
+def test_an_importance_name_instead_of_an_object_is_refused_and_the_model_untouched(entry):
+    from orthoreg_tp.adapters import build_pruner, prune
+
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)), torch.randn(1, 3, 8, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="importance must be a torch-pruning importance object.*got str: 'magnitude'"):
+        if entry == "prune":
+            prune(model, x, ratio=0.5, importance="magnitude")
+        else:
+            build_pruner(model, x, importance="magnitude", pruning_ratio=0.5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
