@@ -259,7 +259,8 @@ def prune(
                 round_to, candidates = _fastest_round_to(session_for, probe, ref.macs, params_before)
             session = session_for(round_to)
             applied, trial, trials = _run(session, ref.macs, params_before, probe)
-            latency = probe.report(model, candidates) if probe is not None else None
+            by_latency = cfg.target is not None and cfg.target[0] == "latency"
+            latency = probe.report(model, candidates, reuse_last=by_latency) if probe is not None else None
             widths_after = layer_widths(model)
             if cfg.dry_run:
                 restore(session.snap)
@@ -363,7 +364,9 @@ def _run(session: PruneSession, macs_before: int, params_before: int,
         if kind != "latency" or not under:
             raise PruningError(model_class, None, str(err)) from err
         applied, trials = min(under), err.trials  # noisy timings: the least-pruned trial within the budget
-        return applied, session.attempt_repaired(applied), trials
+        trial = session.attempt_repaired(applied)
+        probe.measure(session.model)  # the report's figure is of the model kept
+        return applied, trial, trials
     return applied, kept[applied], trials
 
 

@@ -53,7 +53,8 @@ class PruneReport:
         config: :meth:`PruneConfig.to_dict` of the options used.
         latency: When latency was measured (a latency budget or ``round_to="auto"``): ``dense`` and ``pruned``
             (:class:`~orthoreg_tp.latency.LatencyMeasurement` dictionaries, timed interleaved), their ``ratio``,
-            and for ``round_to="auto"`` the ``candidates`` tried (``{round_to: latency ratio}``).
+            and for ``round_to="auto"`` the ``candidates`` tried (``{round_to: latency ratio}``). Under a latency
+            budget these are the timings the budget accepted the pruned model on (not timed again).
     """
 
     model_class: str
