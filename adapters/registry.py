@@ -3,13 +3,14 @@
 A *module adapter* ``fn(module, name, ctx) -> SpecPart | None`` describes one module (an attention block, a
 layer-scale wrapper); returning ``None`` declines, and the lookup then tries the next class in the module's MRO.
 A *model adapter* describes the model as a whole (where its classifier is, which input it expects).
-Built-in adapters for timm and torchvision are imported lazily, on the first :func:`prepare` call.
+Built-in adapters for timm and torchvision are imported lazily, on the first :func:`prepare` call; those of
+optional libraries (transformers, ultralytics) once the process has imported the library.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -116,15 +117,19 @@ def register_model_adapter(adapter: ModelAdapter, *, first: bool = True) -> Mode
 
 
 def load_builtin_adapters() -> None:
-    """Import the timm and torchvision adapters (once)."""
+    """Import the timm and torchvision adapters (once), and those of optional libraries the process has imported.
+
+    An optional library's adapter is loaded once the library is in ``sys.modules`` (a model of that library means
+    the library was imported): this package never imports ultralytics or transformers itself, so it never
+    triggers what importing them does (ultralytics, for one, replaces ``PIL.Image.open`` process-wide).
+    """
     global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _BUILTINS:
-        importlib.import_module(mod)
-    for mod, needs in _OPTIONAL_BUILTINS:  # adapters for optional libraries, loaded when the library imports
-        if importlib.util.find_spec(needs) is not None:
+    if not _loaded:
+        _loaded = True
+        for mod in _BUILTINS:
+            importlib.import_module(mod)
+    for mod, needs in _OPTIONAL_BUILTINS:
+        if needs in sys.modules and mod not in sys.modules:
             importlib.import_module(mod)
 
 

@@ -13,6 +13,13 @@ import torch_pruning as tp
 
 ultralytics = pytest.importorskip("ultralytics")
 
+# Importing ultralytics replaces PIL.Image.open process-wide (a HEIF fallback that may pip-install pi-heif on any
+# file Pillow cannot identify); the rest of the test session gets Pillow's own back.
+import PIL.Image  # noqa: E402
+from ultralytics.utils import patches as _patches  # noqa: E402
+
+PIL.Image.open = getattr(_patches, "_image_open", PIL.Image.open)
+
 from orthoreg_tp.adapters import build_pruner, prepare, prune  # noqa: E402
 from orthoreg_tp.adapters.ultralytics import is_ultralytics_model, yolo_predictions  # noqa: E402
 

@@ -39,6 +39,22 @@ def test_import_is_cheap_and_does_not_touch_cuda(tmp_path):
     assert out.stdout.strip() == "[] False"
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and timm: ~15 s
+def test_pruning_never_imports_optional_model_libraries(tmp_path):
+    """Importing ultralytics replaces PIL.Image.open process-wide: only a user's own import may do that."""
+    code = (
+        "import sys, torch, torch_pruning as tp, PIL.Image;"
+        "from orthoreg_tp.adapters import prune;"
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3));"
+        "prune(m, torch.randn(1, 3, 8, 8), ratio=0.5, importance=tp.importance.MagnitudeImportance());"
+        "print([n for n in ('ultralytics', 'transformers', 'segmentation_models_pytorch') if n in sys.modules],"
+        "      PIL.Image.open.__module__)"
+    )
+    out = run_python(code, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] PIL.Image"
+
+
 def test_public_api_names():
     for name in (
         "OrthoRegImportance",

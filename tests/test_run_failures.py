@@ -249,3 +249,18 @@ def test_compare_survives_a_closed_pipe(tmp_path):
                            f"{a} {b} | head -1"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("| run |") and proc.stderr == "", proc.stderr
     assert (tmp_path / "compare.png").exists()
+
+
+def test_an_image_open_hook_failing_is_reported_as_an_unreadable_image(tmp_path, monkeypatch):
+    """A library hooking PIL.Image.open (ultralytics' HEIF fallback) may raise ImportError on a non-image."""
+    from orthoreg_tp.engine.data import DataError, load_image
+
+    bad = tmp_path / "x.png"
+    bad.write_text("not an image")
+
+    def hooked(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'pi_heif'")
+
+    monkeypatch.setattr(Image, "open", hooked)
+    with pytest.raises(DataError, match=r"cannot read image .*x\.png.*pi_heif"):
+        load_image(str(bad))

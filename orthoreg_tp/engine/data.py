@@ -197,7 +197,9 @@ def load_image(path: str) -> object:
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError and truncation are OSErrors
+    # PIL's UnidentifiedImageError and truncation are OSErrors; ImportError: a plugin hook some libraries install
+    # into PIL.Image.open (ultralytics' HEIF fallback) failing on a file Pillow cannot identify
+    except (OSError, SyntaxError, ValueError, ImportError) as err:
         reason = "no such file" if isinstance(err, FileNotFoundError) else (str(err).splitlines() or [""])[0]
         raise DataError(f"cannot read image {path!r} ({type(err).__name__}: {reason})") from None
 
