@@ -28,6 +28,7 @@ from orthoreg_tp.adapters import (
     prepare,
 )
 from orthoreg_tp.adapters import graph as graph_module
+from test_adapters_chunks import C2f
 from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping
 
@@ -132,6 +133,10 @@ CASES = {
     "split: chunks paired with consumers in trace order (SKNet)": lambda: (SplitPaths(), torch.randn(1, 3, 4, 4)),
     "concat: split input sized before the split (FasterNet)": lambda: (PartialConv(), torch.randn(1, 3, 4, 4)),
     "groupnorm: bias None (PoolFormerV2)": lambda: (GroupNormNoBias(), torch.randn(1, 3, 4, 4)),
+    "chunk: equal chunks consumed apart, two of them concatenated (YOLO's C2f)": lambda: (
+        nn.Sequential(C2f(3, 16), nn.Conv2d(16, 3, 1)),
+        torch.randn(1, 3, 8, 8),
+    ),
 }
 
 
