@@ -631,7 +631,8 @@ def _width_free_fixup(
             mod.scale = new_dim**-0.5
         if hasattr(mod, "attn_dim") and isinstance(mod.attn_dim, int):
             mod.attn_dim = n * new_dim
-        if rewrite and (new_dim != head_dim or n != heads):
+        # the original forward reshapes with the input width: needed once heads or the stream it reads changed
+        if rewrite and (new_dim != head_dim or n != heads or q.in_features != n * new_dim):
             switch_to_width_free(mod)
 
     return Fixup(name, "num_heads/head_dim/scale from the pruned projections; width-free forward", fix)

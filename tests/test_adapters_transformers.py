@@ -325,3 +325,31 @@ def test_attention_kept_whole_says_why() -> None:
 
     assert any("attention kept whole: proj_l/proj_w mix heads" in n for n in spec.notes)
     assert spec.unhandled == () and model.attn.qkv in spec.ignored_layers
+
+
+class _StreamAroundPvtAttention(nn.Module):
+    """A residual stream through PVT-v2 attention: the stream may shrink while the heads keep their width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.pvt_v2 import Attention
+
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.attn = Attention(16, num_heads=2, sr_ratio=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inp(x)
+        return self.out(y + self.attn(y, (2, 2)))
+
+
+def test_width_free_switch_when_only_the_stream_shrinks():
+    """Reproduction (pvt_v2_b0 at ratio 0.5): heads unchanged, stream pruned, and ``reshape(B, N, C)`` failed."""
+    torch.manual_seed(0)
+    model, x = _StreamAroundPvtAttention().eval(), torch.randn(1, 4, 8)
+    attn = model.attn
+    report = prune(model, x, ratio=0.4, importance=tp.importance.GroupMagnitudeImportance(),
+                   ignored_layers=[attn.q, attn.kv], global_ranking=False)
+    assert not report.frozen
+    assert attn.q.out_features == 16 and attn.q.in_features < 16  # heads kept, the stream they read shrank
+    assert type(attn).__name__.startswith("WidthFree")
+    assert model(x).shape == (1, 4, 4)
