@@ -70,6 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--only", nargs="*", default=None, help="substrings of family/model names to (re)run")
     group.add_argument("--ratio", type=float, default=0.5, help="torch-pruning pruning_ratio")
     group.add_argument("--importance", default="orthoreg", choices=["orthoreg", "magnitude"])
+    group.add_argument("--ranking", default="global", choices=["global", "per-layer"],
+                       help="rank channels of all layers together (prune's default) or per layer")
     group.add_argument("--limit-s", type=float, default=10.0, help="time budget a model must prune within")
     group.add_argument("--mem-gb", type=float, default=4.0, help="memory budget above the import baseline")
     group.add_argument("--timeout-s", type=float, default=240.0, help="hard wall-clock kill per model")
@@ -305,7 +307,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         if imp is None:
             imp = tp.importance.GroupMagnitudeImportance()
         t1, c1 = time.perf_counter(), _cpu_s()
-        report = prune(model, x, importance=imp, ratio=args.ratio)
+        report = prune(model, x, importance=imp, ratio=args.ratio, global_ranking=args.ranking == "global")
         t2, c2 = time.perf_counter(), _cpu_s()
         record.update(
             status="ok" if report.params_fraction < 0.95 else "no-op",
@@ -334,7 +336,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- parent
 def _run_child(args: argparse.Namespace, lib: str, family: str, model: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", "--lib", lib, "--family", family, "--model", model,
-           "--ratio", str(args.ratio), "--importance", args.importance, "--mem-gb", str(args.mem_gb),
+           "--ratio", str(args.ratio), "--importance", args.importance, "--ranking", args.ranking,
+           "--mem-gb", str(args.mem_gb),
            "--threads", str(args.threads)]
     start = time.perf_counter()
     try:
@@ -460,7 +463,8 @@ def main(args: argparse.Namespace) -> None:
                    f"{os.getloadavg()[0]:.1f}",
         "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
                     f"torch-pruning {version('torch-pruning')}" + _extra_versions(args.suite),
-        "ratio": args.ratio, "importance": args.importance, "limit_s": args.limit_s, "mem_gb": args.mem_gb,
+        "ratio": args.ratio, "importance": args.importance, "ranking": args.ranking,
+        "limit_s": args.limit_s, "mem_gb": args.mem_gb,
     }
     if old and old_meta.get("command"):  # a partial re-run merged into an earlier sweep: say so
         meta["reruns"] = [*old_meta.get("reruns", []), meta["command"]]
