@@ -93,6 +93,22 @@ def _describe(model: nn.Module, ctx: AdapterContext) -> SpecPart:
 register_model_adapter(ModelAdapter("ultralytics", is_ultralytics_model, _describe, outputs=yolo_predictions))
 
 
+def _is_yolo_wrapper(model: nn.Module) -> bool:
+    from ultralytics.engine.model import Model
+
+    return isinstance(model, Model)
+
+
+def _refuse_wrapper(model: nn.Module, ctx: AdapterContext) -> SpecPart:
+    raise TypeError(
+        f"got the {type(model).__name__} wrapper, whose forward runs ultralytics' predictor; prune the network "
+        "inside it instead: prune(yolo.model, example_inputs, ...)"
+    )
+
+
+register_model_adapter(ModelAdapter("ultralytics", _is_yolo_wrapper, _refuse_wrapper))
+
+
 def _psa_attention(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
     why = "attention kept whole: qkv interleaves each head's query, key and value; C2PSA splits by a fixed width"
     return frozen_block(module, why, keep_input=True)

@@ -175,3 +175,11 @@ def test_orthoreg_importance_from_the_yolo_loss():
     model.eval()
     report = prune(model, X, ratio=0.5, importance=imp)
     assert not report.frozen and report.params_after < 0.6 * report.params_before
+
+
+def test_the_yolo_wrapper_is_refused_with_the_way_to_go():
+    yolo = _yolo("yolov8n.yaml")
+    state = {k: v.clone() for k, v in yolo.model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"prune\(yolo.model, example_inputs"):
+        prune(yolo, X, ratio=0.5, importance=tp.importance.MagnitudeImportance())
+    assert all(torch.equal(v, yolo.model.state_dict()[k]) for k, v in state.items())
