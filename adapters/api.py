@@ -53,11 +53,14 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
-def _reference_forward(model: nn.Module, example_inputs: Any) -> tuple[bool | None, Trace]:
-    """Trace the unpruned model once; pick the calling convention; raise ValueError when inputs do not fit."""
+def _reference_forward(
+    model: nn.Module, example_inputs: Any, select: Callable[[Any], Any] | None
+) -> tuple[bool | None, Trace]:
+    """Trace the unpruned model once; pick the calling convention; raise ValueError when inputs do not fit.
+
+    ``select`` picks the predictions out of the output (``ModelAdapter.outputs``; ``None``: all of it).
+    """
     styles: tuple[bool | None, ...] = (True, False) if isinstance(example_inputs, (tuple, list)) else (None,)
-    adapter = _pick_adapter(model)
-    select = adapter.outputs if adapter is not None else None
     error: Exception | None = None
     for unpack in styles:
         try:
@@ -73,9 +76,13 @@ def _reference_forward(model: nn.Module, example_inputs: Any) -> tuple[bool | No
 
 
 def _build_spec(
-    model: nn.Module, example_inputs: Any, unpack: bool | None, trace: Trace, freeze_unhandled: bool
+    model: nn.Module,
+    example_inputs: Any,
+    unpack: bool | None,
+    trace: Trace,
+    freeze_unhandled: bool,
+    adapter: ModelAdapter | None,
 ) -> PruningSpec:
-    adapter = _pick_adapter(model)
     source = adapter.source if adapter is not None else "generic"
     names = {m: n for n, m in model.named_modules()}
     ctx = AdapterContext(model=model, names=names, source=source)
@@ -153,8 +160,9 @@ def prepare(model: nn.Module, example_inputs: Any, *, freeze_unhandled: bool = T
         >>> pruner.step()  # prunes, then applies the spec's fix-ups
     """
     with _ModeGuard(model):
-        unpack, trace = _reference_forward(model, example_inputs)
-        return _build_spec(model, example_inputs, unpack, trace, freeze_unhandled)
+        adapter = _pick_adapter(model)
+        unpack, trace = _reference_forward(model, example_inputs, adapter.outputs if adapter is not None else None)
+        return _build_spec(model, example_inputs, unpack, trace, freeze_unhandled, adapter)
 
 
 def _split_options(config: PruneConfig | None, options: dict[str, Any]) -> tuple[PruneConfig, dict[str, Any]]:
@@ -242,9 +250,11 @@ def prune(
                   if p is not None}
     widths_before, params_before = layer_widths(model), count_params(model)
     with _ModeGuard(model):
-        unpack, ref = _reference_forward(model, example_inputs)
+        adapter = _pick_adapter(model) if spec is None else None
+        select = spec.select_outputs if spec is not None else adapter.outputs if adapter is not None else None
+        unpack, ref = _reference_forward(model, example_inputs, select)
         if spec is None:
-            spec = _build_spec(model, example_inputs, unpack, ref, freeze_unhandled=True)
+            spec = _build_spec(model, example_inputs, unpack, ref, freeze_unhandled=True, adapter=adapter)
         probe = LatencyProbe(model, example_inputs, cfg) if _measures_latency(cfg) else None
 
         def session_for(round_to: int | None) -> PruneSession:

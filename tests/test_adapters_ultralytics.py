@@ -183,3 +183,11 @@ def test_the_yolo_wrapper_is_refused_with_the_way_to_go():
     with pytest.raises(TypeError, match=r"prune\(yolo.model, example_inputs"):
         prune(yolo, X, ratio=0.5, importance=tp.importance.MagnitudeImportance())
     assert all(torch.equal(v, yolo.model.state_dict()[k]) for k, v in state.items())
+
+
+def test_a_prepared_spec_keeps_its_prediction_selector():
+    model = _yolo("yolov8n.yaml").model.eval()
+    spec = prepare(model, X)
+    assert spec.select_outputs is yolo_predictions
+    report = prune(model, X, ratio=0.5, importance=tp.importance.MagnitudeImportance(), spec=spec)
+    assert not report.frozen and report.params_after < 0.6 * report.params_before
