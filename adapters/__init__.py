@@ -20,6 +20,7 @@ from .registry import (
 )
 from .report import PruneReport, PruningError
 from .spec import Fixup, FixupContext, FixupError, PruningSpec, SpecPart
+from .transaction import Snapshot, restore, snapshot
 
 __all__ = [
     "AdapterContext",
@@ -34,6 +35,7 @@ __all__ = [
     "PruningSpec",
     "RobustDependencyGraph",
     "SpecPart",
+    "Snapshot",
     "adapted_pruner_class",
     "build_pruner",
     "host_fixes",
@@ -42,4 +44,6 @@ __all__ = [
     "register_model_adapter",
     "register_module_adapter",
     "replay",
+    "restore",
+    "snapshot",
 ]
