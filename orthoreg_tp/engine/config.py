@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..floor import NORMALIZERS
-from .data import DATASETS
+from .data import DATASETS, IN_MEMORY
 from .distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from .distributed import DEVICES
 from .methods import METHODS
@@ -77,7 +77,7 @@ class RecipeConfig:
     dataset: str = "digits"  # the offline default
     data_path: str | None = None
     download: bool = True
-    image_size: int | None = None  # dataset default: 16 digits, 32 CIFAR, 64 otherwise
+    image_size: int | None = None  # dataset default: 16 digits, 32 CIFAR and chars, 64 otherwise
     in_chans: int = 3
     # starting weights (default: random); a trained start skips the base phase unless train_base
     pretrained: bool = False  # timm / torchvision weights (user's cache or the network)
@@ -111,7 +111,7 @@ class RecipeConfig:
     distill_alpha: float = DEFAULT_ALPHA
     distill_temperature: float = DEFAULT_TEMPERATURE
     # execution
-    workers: int | None = None  # 0 for digits (in memory), 4 otherwise
+    workers: int | None = None  # 0 for digits and chars (in memory), 4 otherwise
     threads: int | None = None  # CPU threads of torch (None: torch's default); 1 avoids oversubscription
     seed: int = 0
     device: str = "auto"
@@ -209,7 +209,7 @@ class RecipeConfig:
             importance_samples=self.importance_samples or preset["importance_samples"],
             coefficient=self.coefficient if self.coefficient is not None else
             (1e-3 if "mobilenet" in self.model else 1e-2),
-            workers=self.workers if self.workers is not None else (0 if self.dataset == "digits" else 4),
+            workers=self.workers if self.workers is not None else (0 if self.dataset in IN_MEMORY else 4),
         )
 
     def schedule(self, phase: str) -> LRSchedule:

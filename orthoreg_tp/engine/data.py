@@ -1,8 +1,11 @@
-"""Datasets of the recipes: CIFAR-10/100, Tiny-ImageNet or any ImageFolder, and scikit-learn's digits.
+"""Datasets of the recipes: CIFAR-10/100, Tiny-ImageNet or any ImageFolder, scikit-learn's digits, and chars.
 
 ``digits`` (1,797 8x8 grayscale digits, upsampled) is the offline default for quick runs and tests; it needs
-no download. CIFAR comes through torchvision and is downloaded when online; offline, point ``data_path`` at a
-folder that holds ``cifar-10-batches-py/`` or ``cifar-100-python/``.
+no download. ``chars`` (47 classes of characters rendered from matplotlib's fonts, train and test from
+disjoint fonts; :mod:`orthoreg_tp.engine.chars`, docs/data-chars.md) is the offline dataset that does not
+saturate; it is rendered once (about half a minute) and cached. CIFAR comes through torchvision and is
+downloaded when online; offline, point ``data_path`` at a folder that holds ``cifar-10-batches-py/`` or
+``cifar-100-python/``.
 
 Example:
     >>> train_set, test_set, info = build_datasets("digits", image_size=16)
@@ -16,13 +19,15 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 logger = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder")
+DATASETS: tuple[str, ...] = ("digits", "chars", "cifar10", "cifar100", "tiny-imagenet", "imagefolder")
+IN_MEMORY: tuple[str, ...] = ("digits", "chars")  # held as tensors: no loader workers needed
 # The paper normalizes CIFAR (and Tiny-ImageNet) with mean = std = 0.5 per channel (docs/method.md, section 4).
 PAPER_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 PAPER_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -51,6 +56,8 @@ class DatasetInfo:
     num_classes: int
     in_chans: int
     image_size: int
+    # where generated data came from (chars: classes, font files per split, seed, cache file); None otherwise
+    source: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
         """Plain-dict form (JSON-serializable)."""
@@ -64,6 +71,9 @@ def build_datasets(
     image_size: int | None = None,
     in_chans: int = 3,
     download: bool = True,
+    chars_train: int | None = None,
+    chars_test: int | None = None,
+    chars_seed: int = 0,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Build the train and test sets of a dataset.
 
@@ -71,10 +81,13 @@ def build_datasets(
         name: One of :data:`DATASETS`.
         data_path: Root folder. CIFAR: where torchvision keeps (or downloads) it, default ``./data``.
             ``tiny-imagenet``/``imagefolder``: a folder with ``train/`` and ``test/`` (or ``val/``); required.
-            Unused by ``digits``.
-        image_size: Side of the (square) images; default 16 for digits, 32 for CIFAR, 64 otherwise.
-        in_chans: 1 or 3; only digits (grayscale) honours 1.
+            ``chars``: the cache folder, default ``~/.cache/orthoreg_tp/chars``. Unused by ``digits``.
+        image_size: Side of the (square) images; default 16 for digits, 32 for CIFAR and chars, 64 otherwise.
+        in_chans: 1 or 3; digits and chars honour 1 (grayscale).
         download: Allow torchvision to download CIFAR when it is not under ``data_path``.
+        chars_train: ``chars`` training images; default 11,750 (250 per class).
+        chars_test: ``chars`` test images; default 2,350 (50 per class).
+        chars_seed: ``chars`` generator seed (the data, not the run: keep it fixed to compare runs).
 
     Returns:
         ``(train_set, test_set, info)``; the train set carries the paper's augmentation.
@@ -94,6 +107,8 @@ def build_datasets(
         raise ValueError(f"image_size must be >= 8, got {image_size!r}")
     if name == "digits":
         return _digits(image_size or 16, in_chans)
+    if name == "chars":
+        return _chars(image_size or 32, in_chans, data_path, train=chars_train, test=chars_test, seed=chars_seed)
     if name in ("cifar10", "cifar100"):
         return _cifar(name, Path(data_path or "data"), image_size or 32, download)
     if data_path is None:
@@ -139,6 +154,33 @@ def _digits(image_size: int, in_chans: int) -> tuple[Dataset, Dataset, DatasetIn
 
     info = DatasetInfo(num_classes=10, in_chans=in_chans, image_size=image_size)
     return to_set(x_train, y_train), to_set(x_test, y_test), info
+
+
+def _chars(image_size: int, in_chans: int, cache_dir: str | os.PathLike | None, *, train: int | None,
+           test: int | None, seed: int) -> tuple[Dataset, Dataset, DatasetInfo]:
+    import numpy as np
+
+    from . import chars
+
+    counts = {"chars_train": chars.DEFAULT_TRAIN if train is None else train,
+              "chars_test": chars.DEFAULT_TEST if test is None else test}
+    for key, count in counts.items():
+        if count < 1:
+            raise ValueError(f"{key} must be >= 1, got {count!r}")
+    arrays = chars.load_chars(train=counts["chars_train"], test=counts["chars_test"], seed=seed, size=image_size,
+                              cache_dir=cache_dir)
+    if in_chans == 1:  # ITU-R 601 luminance, like PIL's convert("L")
+        for key in ("x_train", "x_test"):
+            gray = arrays[key] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            arrays[key] = (gray + 0.5).clip(0, 255).astype(np.uint8)[..., None]
+    pad = max(1, image_size // 8)  # the paper's 4 at 32x32, as paper_transforms; no flip for characters
+    train_set = chars.CharsDataset(arrays["x_train"], arrays["y_train"], train=True, pad=pad)
+    test_set = chars.CharsDataset(arrays["x_test"], arrays["y_test"], train=False)
+    source = {"generator": f"orthoreg_tp.engine.chars v{chars.GENERATOR_VERSION}", "seed": seed,
+              "classes": chars.CLASSES, "train_fonts": list(chars.TRAIN_FONTS), "test_fonts": list(chars.TEST_FONTS),
+              "train": len(train_set), "test": len(test_set)}
+    info = DatasetInfo(num_classes=len(chars.CLASSES), in_chans=in_chans, image_size=image_size, source=source)
+    return train_set, test_set, info
 
 
 def _cifar(name: str, root: Path, image_size: int, download: bool) -> tuple[Dataset, Dataset, DatasetInfo]:
