@@ -1,0 +1,1 @@
+"""OrthoReg inside the training frameworks people already use (ultralytics, ...)."""
