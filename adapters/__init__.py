@@ -1,4 +1,11 @@
-"""Adapters: prune timm, torchvision and generic models with torch-pruning, consistently, in one call.
+"""Adapters: prune timm, torchvision, Hugging Face, Ultralytics and generic models with torch-pruning, in one call.
+
+The public face is this module: the entry points (:func:`prepare`, :func:`prune`, :func:`replay`,
+:func:`build_pruner`), their options (:class:`PruneConfig`), results and errors (:class:`PruneReport`,
+:class:`PruningError`), the spec adapters build (:class:`PruningSpec` and its parts) and the registry adapters
+register in. ``libraries/`` holds the adapters of timm, torchvision, transformers and ultralytics; ``_internal/``
+the machinery behind the entry points (tracing, the generic adapter, the session, the host fixes), which may
+change without notice.
 
 Example:
     >>> import timm, torch, torch_pruning as tp
@@ -7,20 +14,15 @@ Example:
     >>> report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
 """
 
-from .api import prepare, prune, replay
-from .config import PruneConfig
-from .graph import GroupExplosion, RobustDependencyGraph
-from .hostfix import host_fixes
-from .pruner import adapted_pruner_class, build_pruner
-from .registry import (
-    AdapterContext,
-    ModelAdapter,
-    register_model_adapter,
-    register_module_adapter,
-)
+from ._internal.host import adapted_pruner_class
+from ._internal.hostgraph import GroupExplosion, RobustDependencyGraph
+from ._internal.transaction import Snapshot, restore, snapshot
+from ._internal.verify import count_macs_params
+from .api import build_pruner, prepare, prune, replay
+from .prune_config import PruneConfig
+from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
 from .report import PruneReport, PruningError
 from .spec import Fixup, FixupContext, FixupError, PruningSpec, SpecPart
-from .transaction import Snapshot, restore, snapshot
 
 __all__ = [
     "AdapterContext",
@@ -34,11 +36,11 @@ __all__ = [
     "PruningError",
     "PruningSpec",
     "RobustDependencyGraph",
-    "SpecPart",
     "Snapshot",
+    "SpecPart",
     "adapted_pruner_class",
     "build_pruner",
-    "host_fixes",
+    "count_macs_params",
     "prepare",
     "prune",
     "register_model_adapter",

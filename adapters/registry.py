@@ -66,11 +66,11 @@ class ModelAdapter:
 
 _MODULE_ADAPTERS: dict[type, list[ModuleAdapterFn]] = {}
 _MODEL_ADAPTERS: list[ModelAdapter] = []
-_BUILTINS = ("orthoreg_tp.adapters.timm", "orthoreg_tp.adapters.torchvision")
+_BUILTINS = ("orthoreg_tp.adapters.libraries.timm_models", "orthoreg_tp.adapters.libraries.torchvision_models")
 # (adapter module, the package it needs): one entry per optional library
 _OPTIONAL_BUILTINS: tuple[tuple[str, str], ...] = (
-    ("orthoreg_tp.adapters.transformers", "transformers"),
-    ("orthoreg_tp.adapters.ultralytics", "ultralytics"),
+    ("orthoreg_tp.adapters.libraries.transformers_models", "transformers"),
+    ("orthoreg_tp.adapters.libraries.ultralytics_models", "ultralytics"),
 )
 _loaded = False
 

@@ -34,7 +34,8 @@ class PruneReport:
         source: Adapter family (``"timm"``, ``"torchvision"``, ``"generic"``).
         params_before: Parameter count before pruning.
         params_after: Parameter count after pruning.
-        macs_before: Conv/linear multiply-accumulates per forward on ``example_inputs`` before pruning.
+        macs_before: Conv/linear multiply-accumulates per sample (the batch of ``example_inputs`` divided out, as
+            ``tp.utils.count_ops_and_params`` counts) before pruning.
         macs_after: The same after pruning.
         widths: ``{layer: (width before, width after)}`` for every conv, linear and MHA layer.
         seconds: Wall time of the whole call.
@@ -55,6 +56,8 @@ class PruneReport:
             (:class:`~orthoreg_tp.latency.LatencyMeasurement` dictionaries, timed interleaved), their ``ratio``,
             and for ``round_to="auto"`` the ``candidates`` tried (``{round_to: latency ratio}``). Under a latency
             budget these are the timings the budget accepted the pruned model on (not timed again).
+        unused: ``"module (N parameters)"`` for blocks the traced forward never reads: not pruned (their
+            parameters are still counted in ``params_after``).
     """
 
     model_class: str
@@ -78,6 +81,7 @@ class PruneReport:
     dry_run: bool = False
     config: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Any] | None = None
+    unused: tuple[str, ...] = ()
 
     @property
     def params_fraction(self) -> float:
@@ -110,4 +114,5 @@ class PruneReport:
             f"({self.params_fraction:.1%}), MACs {self.macs_before:,} -> {self.macs_after:,} "
             f"({self.macs_fraction:.1%}), {changed} layers narrowed, ratio {self.ratio:.3f}, "
             f"{self.seconds:.2f} s{' (dry run, model unchanged)' if self.dry_run else ''}"
+            + (f"; not pruned, never used by the forward: {', '.join(self.unused)}" if self.unused else "")
         )

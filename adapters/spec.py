@@ -15,6 +15,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from orthoreg_tp._inputs import run_model
+
 __all__ = ["Fixup", "FixupContext", "PruningSpec", "SpecPart", "merge_parts"]
 
 
@@ -65,6 +67,7 @@ class SpecPart:
     notes: list[str] = field(default_factory=list)
     handled: set[int] = field(default_factory=set)  # ids of modules this part fully accounts for
     pinned_inputs: list[nn.Module] = field(default_factory=list)  # modules whose input width must not change
+    unused: list[str] = field(default_factory=list)  # "module (N parameters)" the traced forward never reads
     # (object, attribute, value) set only while torch-pruning traces the model (e.g. fused_attn=False)
     trace_attrs: list[tuple[Any, str, Any]] = field(default_factory=list)
 
@@ -101,6 +104,9 @@ class PruningSpec:
             fused kernel it cannot see through. Handed to the pruner as its ``forward_fn``.
         select_outputs: Picks the predictions out of the model's output (see ``ModelAdapter.outputs``);
             ``None``: every output tensor.
+        unused: ``"module (N parameters)"`` for every block whose parameters the traced forward never reads
+            (a branch the example inputs or the eval mode skip); torch-pruning cannot see them, so they are not
+            pruned.
 
     Example:
         >>> import torch, torch_pruning as tp, torchvision
@@ -127,6 +133,7 @@ class PruningSpec:
     check_output_shape: bool = True
     trace_attrs: tuple[tuple[Any, str, Any], ...] = ()
     select_outputs: Callable[[Any], Any] | None = None
+    unused: tuple[str, ...] = ()
     # The num_heads dict most recently handed to a pruner (it is updated in place by head pruning).
     _issued_heads: list[dict[nn.Module, int]] = field(default_factory=list, repr=False, compare=False)
 
@@ -171,14 +178,7 @@ class PruningSpec:
         try:
             for obj, attr, value in self.trace_attrs:
                 setattr(obj, attr, value)
-            if isinstance(example_inputs, dict):
-                return model(**example_inputs)
-            if isinstance(example_inputs, (tuple, list)):
-                try:
-                    return model(*example_inputs)
-                except Exception:
-                    return model(example_inputs)
-            return model(example_inputs)
+            return run_model(model, example_inputs)
         finally:
             for obj, attr, value in reversed(saved):
                 setattr(obj, attr, value)
@@ -225,6 +225,7 @@ class PruningSpec:
             "trace_attrs": len(self.trace_attrs),
             "unhandled": list(self.unhandled),
             "notes": list(self.notes),
+            "unused": list(self.unused),
         }
 
 
@@ -269,6 +270,7 @@ def merge_parts(
     fixups: dict[tuple[str, str], Fixup] = {}
     unhandled: list[str] = []
     notes: list[str] = []
+    unused: list[str] = []
     trace_attrs: dict[tuple[int, str], tuple[Any, str, Any]] = {}
     for part in parts:
         for obj, attr, value in part.trace_attrs:
@@ -285,6 +287,7 @@ def merge_parts(
             fixups.setdefault((fix.name, fix.description), fix)
         unhandled.extend(part.unhandled)
         notes.extend(part.notes)
+        unused.extend(part.unused)
     round_to = math.lcm(*rounds) if rounds else None
     return PruningSpec(
         model_class=model_class,
@@ -302,4 +305,5 @@ def merge_parts(
         check_output_shape=check_output_shape,
         trace_attrs=tuple(trace_attrs.values()),
         select_outputs=select_outputs,
+        unused=tuple(dict.fromkeys(unused)),
     )

@@ -264,7 +264,8 @@ def _torchvision_model(name: str) -> tuple[Any, Any]:
 
 def _loss(output: Any, target: Any) -> Any:
     import torch.nn.functional as F
-    from orthoreg_tp.adapters.generic import flatten_tensors
+
+    from orthoreg_tp._inputs import flatten_tensors
 
     tensors = [t for t in flatten_tensors(output) if t.is_floating_point() and t.requires_grad]
     if len(tensors) == 1 and tensors[0].dim() == 2:
@@ -276,9 +277,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch_pruning as tp
     from orthoreg_tp.adapters import prune
-    from orthoreg_tp.adapters.generic import run_model
 
     from orthoreg_tp import OrthoRegImportance
+    from orthoreg_tp._inputs import run_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import _compat
 from .accumulate import ParamStatistics, batch_size_of, model_device, to_device, trainable_params
-from .floor import LayerFloor, keep_floor  # noqa: F401 - keep_floor re-exported
+from .floor import LayerFloor
 from .grouping import iter_group, scatter_channel_sums
 
 logger = logging.getLogger(__name__)

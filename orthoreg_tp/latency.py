@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._inputs import flatten_tensors, run_model
+
 __all__ = ["LatencyMeasurement", "compare_latency", "measure_latency"]
 
 
@@ -68,20 +70,9 @@ def _device_of(model: nn.Module, example_inputs: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _batch_size(example_inputs: Any) -> int | None:
-    if isinstance(example_inputs, torch.Tensor) and example_inputs.dim() > 0:
-        return int(example_inputs.shape[0])
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return _batch_size(example_inputs[0])
-    return None
-
-
-def _call(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
+def _batch_of(example_inputs: Any) -> int | None:
+    tensors = flatten_tensors(example_inputs)
+    return int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else None
 
 
 def _timer(device: torch.device) -> tuple[str, Callable[[Callable[[], Any]], float]]:
@@ -152,10 +143,10 @@ def compare_latency(
         with torch.inference_mode():
             for _ in range(warmup):
                 for model in models:
-                    _call(model, example_inputs)
+                    run_model(model, example_inputs)
             for _ in range(repeats):
                 for i, model in enumerate(models):
-                    samples[i].append(time_ms(lambda model=model: _call(model, example_inputs)))
+                    samples[i].append(time_ms(lambda model=model: run_model(model, example_inputs)))
     finally:
         for saved in modes:
             for module, training in saved.items():
@@ -167,7 +158,7 @@ def compare_latency(
             warmup=warmup,
             clock=clock,
             device=str(device),
-            batch_size=_batch_size(example_inputs),
+            batch_size=_batch_of(example_inputs),
             interleaved_with=len(models),
         )
         for s in samples

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 from orthoreg_tp.adapters import prune
-from orthoreg_tp.adapters.graph import RobustDependencyGraph
+from orthoreg_tp.adapters._internal.hostgraph import RobustDependencyGraph
 
 
 def _cbs(c_in: int, c_out: int, k: int = 1) -> nn.Sequential:

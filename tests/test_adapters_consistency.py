@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch_pruning as tp
 import torchvision
 from orthoreg_tp.adapters import build_pruner, prepare
-from orthoreg_tp.adapters.timm import SelectiveKernelAttnPruner
+from orthoreg_tp.adapters.libraries.timm_models import SelectiveKernelAttnPruner
 from torchvision.models import densenet, resnet
 
 _CONSUMER_FNS = {tp.prune_conv_in_channels, tp.prune_linear_in_channels}

@@ -24,10 +24,9 @@ from orthoreg_tp.adapters import (
     RobustDependencyGraph,
     adapted_pruner_class,
     build_pruner,
-    host_fixes,
     prepare,
 )
-from orthoreg_tp.adapters import graph as graph_module
+from orthoreg_tp.adapters._internal import hostgraph as graph_module
 from test_adapters_chunks import C2f
 from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping
@@ -411,12 +410,6 @@ def test_pruning_history_replays_on_a_robust_graph() -> None:
     replay = build_pruner(dense, x, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.0)
     replay.DG.load_pruning_history(pruner.pruning_history())
     assert torch.allclose(dense(x), model(x), atol=1e-6)
-
-
-def test_host_fixes_is_a_deprecated_no_op() -> None:
-    before = _torch_pruning_attributes()
-    with pytest.warns(DeprecationWarning, match="build_pruner"), host_fixes():
-        assert _torch_pruning_attributes() == before
 
 
 # ------------------------------------------------------------------------------------ pinned host sources

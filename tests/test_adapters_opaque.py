@@ -3,7 +3,7 @@
 import torch
 import torch_pruning as tp
 from orthoreg_tp.adapters import prepare, prune
-from orthoreg_tp.adapters.opaque import describe_opaque_parameters, opaque_parameter_uses, tied_parameters
+from orthoreg_tp.adapters._internal.opaque import describe_opaque_parameters, opaque_parameter_uses, tied_parameters
 from torch import nn
 
 

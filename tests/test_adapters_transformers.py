@@ -179,7 +179,7 @@ def test_width_free_attention_pruned_equals_zeroed(name: str) -> None:
 
 
 def test_width_free_refuses_partial_rewrites() -> None:
-    from orthoreg_tp.adapters.widthfree import width_free_class
+    from orthoreg_tp.adapters._internal.widthfree import width_free_class
     from timm.models import twins
 
     # kv.reshape(B, -1, 2, self.num_heads, C // self.num_heads): the head width cannot become -1

@@ -21,7 +21,7 @@ from ultralytics.utils import patches as _patches  # noqa: E402
 PIL.Image.open = getattr(_patches, "_image_open", PIL.Image.open)
 
 from orthoreg_tp.adapters import build_pruner, prepare, prune  # noqa: E402
-from orthoreg_tp.adapters.ultralytics import is_ultralytics_model, yolo_predictions  # noqa: E402
+from orthoreg_tp.adapters.libraries.ultralytics_models import is_ultralytics_model, yolo_predictions  # noqa: E402
 
 X = torch.randn(1, 3, 64, 64)
 HEAD_BRANCHES = ("cv2", "cv3", "cv4")

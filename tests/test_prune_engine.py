@@ -8,8 +8,7 @@ import orthoreg_tp.adapters.api as api
 import pytest
 import torch
 import torch_pruning as tp
-from orthoreg_tp.adapters import PruneConfig, PruningError, prune, replay
-from orthoreg_tp.adapters.verify import count_macs_params
+from orthoreg_tp.adapters import PruneConfig, PruningError, count_macs_params, prune, replay
 from torch import nn
 
 from orthoreg_tp import FloorImportance, OrthoRegImportance, OrthoRegPruner, keep_floor, layer_widths
@@ -145,8 +144,8 @@ def test_ratio_beyond_the_floor_is_capped_with_a_warning():
 # ------------------------------------------------------------------------------------------------ one path
 def test_budget_search_prepares_once_and_builds_one_pruner_per_trial(monkeypatch):
     specs, built = [], []
-    real = api._build_spec
-    monkeypatch.setattr(api, "_build_spec", lambda *a, **k: specs.append(1) or real(*a, **k))
+    real = api.build_spec
+    monkeypatch.setattr(api, "build_spec", lambda *a, **k: specs.append(1) or real(*a, **k))
 
     class Counting(tp.pruner.MetaPruner):
         def __init__(self, *args, **kwargs):

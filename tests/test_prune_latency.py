@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch_pruning as tp
 from orthoreg_tp.adapters import PruneConfig, prune
-from orthoreg_tp.adapters.latency import latency_inputs
 from torch import nn
+
+from orthoreg_tp._inputs import latency_inputs
 
 
 def wide_net() -> nn.Module:

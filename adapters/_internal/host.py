@@ -1,4 +1,4 @@
-"""``build_pruner``: any torch-pruning pruner, on a :class:`~orthoreg_tp.adapters.graph.RobustDependencyGraph`.
+"""The host pruners: any torch-pruning pruner on a :class:`.hostgraph.RobustDependencyGraph`, built in one place.
 
 ``tp.pruner.BasePruner.__init__`` builds its ``tp.DependencyGraph`` inline. The pruner classes made here build a
 :class:`RobustDependencyGraph` first, then run the host ``__init__`` with a forward function that does not run
@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .graph import RobustDependencyGraph
+from .hostgraph import RobustDependencyGraph
 
-__all__ = ["adapted_pruner_class", "build_pruner"]
+__all__ = ["adapted_pruner_class", "make_pruner", "merge_pruner_kwargs"]
 
 _GRAPH_ARGS = ("forward_fn", "output_transform", "unwrapped_parameters", "customized_pruners")
 
@@ -122,13 +122,21 @@ def adapted_pruner_class(pruner_class: type = tp.pruner.MetaPruner) -> type:
     return type(name, (_RobustPrunerMixin, pruner_class), {"__module__": __name__, "__qualname__": name})
 
 
-def _merged_kwargs(model: nn.Module, spec: Any, user: dict[str, Any]) -> dict[str, Any]:
-    """The spec's pruner arguments with the user's: lists concatenated, dicts merged, anything else replaced.
+def merge_pruner_kwargs(model: nn.Module, base: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """The one merge of torch-pruning keyword arguments: ``base`` (the spec's, the session's) with the user's.
 
-    Parameters of layers the user gives a customized pruner are that pruner's: the spec's entries for them in
-    ``unwrapped_parameters`` (a gate's scale it found used functionally) are dropped.
+    Lists are concatenated, dicts merged (the user's entries win), anything else replaced. Parameters of layers
+    the user gives a customized pruner are that pruner's: ``base``'s entries for them in
+    ``unwrapped_parameters`` (a gate's scale found used functionally) are dropped.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> merged = merge_pruner_kwargs(nn.Linear(2, 2), {"ignored_layers": [1], "num_heads": {}},
+        ...                              {"ignored_layers": (2,), "round_to": 8})
+        >>> merged["ignored_layers"], merged["round_to"]
+        ([1, 2], 8)
     """
-    kwargs = spec.pruner_kwargs()
+    kwargs = dict(base)
     custom = tuple((user.get("customized_pruners") or {}).keys())
     if custom and kwargs.get("unwrapped_parameters"):
         owned = {
@@ -148,75 +156,13 @@ def _merged_kwargs(model: nn.Module, spec: Any, user: dict[str, Any]) -> dict[st
     return kwargs
 
 
-def check_importance(importance: Any) -> None:
-    """Raise a ``TypeError`` naming the problem unless ``importance`` is a torch-pruning importance (a callable).
+def make_pruner(pruner_class: type, model: nn.Module, example_inputs: Any, importance: Any,
+                kwargs: dict[str, Any], finalizer: Callable[[nn.Module, Any], None] | None = None) -> Any:
+    """The one place where the project builds a torch-pruning pruner (an :func:`adapted_pruner_class` instance).
 
-    Example:
-        >>> check_importance("magnitude")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        TypeError: importance must be a torch-pruning importance object (...), got str: 'magnitude'
+    ``kwargs`` are the merged pruner arguments (:func:`merge_pruner_kwargs`); ``finalizer(model, pruner)`` (the
+    spec's fix-ups) runs after every step of the returned pruner.
     """
-    if not callable(importance):
-        raise TypeError(
-            "importance must be a torch-pruning importance object (e.g. tp.importance.GroupMagnitudeImportance() "
-            f"or orthoreg_tp.OrthoRegImportance()), got {type(importance).__name__}: {importance!r}"
-        )
-
-
-def build_pruner(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    importance: Callable[[Any], torch.Tensor | None],
-    pruner_class: type = tp.pruner.MetaPruner,
-    spec: Any = None,
-    **torch_pruning_kwargs: Any,
-) -> Any:
-    """A torch-pruning pruner for ``model`` that works around the host's graph bugs and applies the fix-ups.
-
-    The pruner is an instance of a subclass of ``pruner_class`` (see :func:`adapted_pruner_class`); drive it as
-    usual: ``pruner.step()``, or ``for group in pruner.step(interactive=True): group.prune()``. After each step
-    the model is consistent and runnable: the adapters' fix-ups (``spec.finalize``) have run. No torch-pruning
-    function or class is modified.
-
-    Args:
-        model: The model to prune (in place).
-        example_inputs: Inputs for tracing (tensor, tuple/list of positional inputs, or dict).
-        importance: A torch-pruning importance (e.g. ``orthoreg_tp.OrthoRegImportance`` after accumulation).
-        pruner_class: ``tp.pruner.MetaPruner`` or any other ``tp.pruner.BasePruner`` subclass.
-        spec: A :class:`~orthoreg_tp.adapters.PruningSpec` from :func:`~orthoreg_tp.adapters.prepare`; made here
-            when omitted.
-        **torch_pruning_kwargs: Passed to the pruner (``pruning_ratio``, ``global_pruning``, ``iterative_steps``,
-            ``ignored_layers``...); lists and dicts are merged with the spec's.
-
-    Returns:
-        The pruner.
-
-    Raises:
-        TypeError: ``pruner_class`` is not a ``tp.pruner.BasePruner`` subclass, or ``importance`` is not callable.
-        ValueError: ``example_inputs`` do not run through the model (from ``prepare``), or ``model`` or
-            ``example_inputs`` is passed as a keyword too.
-
-    Example:
-        >>> import torch, torchvision, torch_pruning as tp
-        >>> from orthoreg_tp.adapters import build_pruner
-        >>> model, x = torchvision.models.shufflenet_v2_x0_5(weights=None), torch.randn(1, 3, 64, 64)
-        >>> pruner = build_pruner(model, x, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5)
-        >>> pruner.step()
-        >>> model(x).shape
-        torch.Size([1, 1000])
-    """
-    for key in ("model", "example_inputs", "importance"):
-        if key in torch_pruning_kwargs:
-            raise ValueError(f"{key!r} is build_pruner's own argument; do not pass it as a pruner keyword")
-    check_importance(importance)
-    cls = adapted_pruner_class(pruner_class)
-    if spec is None:
-        from .api import prepare
-
-        spec = prepare(model, example_inputs)
-    kwargs = _merged_kwargs(model, spec, torch_pruning_kwargs)
-    pruner = cls(model, example_inputs, importance=importance, **kwargs)
-    pruner.finalizer = spec.finalize
+    pruner = adapted_pruner_class(pruner_class)(model, example_inputs, importance=importance, **kwargs)
+    pruner.finalizer = finalizer
     return pruner

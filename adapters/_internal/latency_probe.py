@@ -5,37 +5,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 import torch.nn as nn
 
+from orthoreg_tp._inputs import latency_inputs
 from orthoreg_tp.latency import LatencyMeasurement, compare_latency
 
-from .config import PruneConfig
+from ..prune_config import PruneConfig
 
-__all__ = ["LatencyProbe", "latency_inputs"]
-
-
-def latency_inputs(example_inputs: Any, batch_size: int | None) -> Any:
-    """``example_inputs`` repeated along dim 0 to ``batch_size`` (tensor inputs only; ``None``: unchanged).
-
-    Raises:
-        ValueError: ``batch_size`` given for inputs that are not a tensor or a tuple/list of tensors.
-
-    Example:
-        >>> latency_inputs(torch.zeros(1, 3, 8, 8), 4).shape
-        torch.Size([4, 3, 8, 8])
-    """
-    if batch_size is None:
-        return example_inputs
-    if isinstance(example_inputs, torch.Tensor):
-        reps = (-(-batch_size // example_inputs.shape[0]),) + (1,) * (example_inputs.dim() - 1)
-        return example_inputs.repeat(*reps)[:batch_size]
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return type(example_inputs)(latency_inputs(t, batch_size) for t in example_inputs)
-    raise ValueError(
-        f"latency_batch_size needs tensor example inputs, got {type(example_inputs).__name__}; time the inputs as "
-        "given (latency_batch_size=None) or pass a batch of the size to time"
-    )
+__all__ = ["LatencyProbe"]
 
 
 class LatencyProbe:

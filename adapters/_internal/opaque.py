@@ -26,9 +26,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .spec import SpecPart
+from ..spec import SpecPart
+from .autograd import walk_graph
+from .layers import KNOWN_TYPES
 
-__all__ = ["describe_opaque_parameters", "describe_tied_parameters", "opaque_parameter_uses", "tied_parameters"]
+__all__ = [
+    "describe_opaque_parameters",
+    "describe_tied_parameters",
+    "opaque_parameter_uses",
+    "tied_parameters",
+    "unused_parameters",
+]
 
 # Autograd nodes that only re-view a tensor: a parameter seen through them is judged by what reads the view.
 _VIEW_OPS = (
@@ -79,18 +87,10 @@ def opaque_parameter_uses(outputs: Iterable[torch.Tensor]) -> dict[int, str]:
         ['Bmm']
     """
     consumers: dict[Any, list[Any]] = {}
-    seen: set[Any] = set()
-    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
-    while stack:
-        fn = stack.pop()
-        if fn in seen:
-            continue
-        seen.add(fn)
+    for fn in walk_graph(outputs, lambda f: True):
         for child, _ in getattr(fn, "next_functions", ()):
-            if child is None:
-                continue
-            consumers.setdefault(child, []).append(fn)
-            stack.append(child)
+            if child is not None:
+                consumers.setdefault(child, []).append(fn)
     found: dict[int, str] = {}
     for node in list(consumers):
         variable = getattr(node, "variable", None)
@@ -185,8 +185,6 @@ def describe_opaque_parameters(model: nn.Module, uses: dict[int, str]) -> list[S
         model: The model.
         uses: :func:`opaque_parameter_uses` of a forward pass of ``model``.
     """
-    from .generic import KNOWN_TYPES  # generic imports this module
-
     parts = []
     for params_id, entries in _owners(model).items():
         if params_id not in uses:
@@ -203,3 +201,29 @@ def describe_opaque_parameters(model: nn.Module, uses: dict[int, str]) -> list[S
                 )
             )
     return parts
+
+
+def unused_parameters(model: nn.Module, used: frozenset[int]) -> list[SpecPart]:
+    """A part naming the outermost blocks none of whose parameters the traced forward reads (not pruned).
+
+    Args:
+        model: The model.
+        used: Ids of the parameters the traced forward read (:attr:`.tracing.Trace.used`).
+
+    Example:
+        >>> m = nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 3)})
+        >>> unused_parameters(m, frozenset(id(p) for p in m["a"].parameters()))[0].unused
+        ['b (9 parameters)']
+    """
+    found: list[str] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        params = list(module.parameters())
+        if params and all(id(p) not in used for p in params):
+            found.append(f"{name or '<model>'} ({sum(p.numel() for p in params):,} parameters)")
+            return
+        for child, sub in module.named_children():
+            visit(f"{name}.{child}" if name else child, sub)
+
+    visit("", model)
+    return [SpecPart(unused=found)] if found else []

@@ -1,15 +1,17 @@
-"""One pruning call's state: the snapshot, the ranking importance, the attempts and the repair loop.
+"""One pruning call: the snapshot, the ranking, the attempts, the repair loop, the budget search, ``round_to``.
 
-Every prune of the project goes through :class:`PruneSession` (via :func:`orthoreg_tp.adapters.prune`): one point
-where the pruner is built (:func:`make_pruner`), one rollback (:mod:`.transaction`, zero-copy), one MACs counter
-(:func:`.verify.checked_forward`), one budget search (:mod:`.budget`).
+Every prune of the project goes through :func:`execute` (via :func:`orthoreg_tp.adapters.prune`): one point
+where the pruner is built (:func:`.host.make_pruner`), one rollback (:mod:`.transaction`, zero-copy), one MACs
+counter (:func:`.verify.checked_forward`), one budget search (:mod:`.budget`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,28 +22,27 @@ from orthoreg_tp import _compat
 from orthoreg_tp.floor import FloorImportance, RoundedFloorImportance, is_protected
 from orthoreg_tp.ties import TieBreakImportance
 
-from .config import PruneConfig
-from .generic import LAYER_TYPES, Trace, input_producers, looks_like_attention, run_model
-from .graph import GroupExplosion
-from .pruner import adapted_pruner_class
-from .report import PruningError
-from .spec import FixupError, PruningSpec
+from ..prune_config import AUTO_ROUND_TO, PruneConfig
+from ..report import PruningError
+from ..spec import FixupError, PruningSpec
+from .budget import BudgetUnreachable, search_ratio
+from .generic import looks_like_attention
+from .host import make_pruner, merge_pruner_kwargs
+from .hostgraph import GroupExplosion
+from .latency_probe import LatencyProbe
+from .layers import LAYER_TYPES
+from .tracing import Trace, input_producers, run_model
 from .transaction import restore, snapshot
-from .verify import VerificationError, checked_forward, compare_outputs, count_params, first_non_finite_layer
+from .verify import (
+    VerificationError,
+    checked_forward,
+    compare_outputs,
+    count_params,
+    first_non_finite_layer,
+    layer_widths,
+)
 
-__all__ = ["PruneSession", "Trial", "make_pruner"]
-
-
-def make_pruner(pruner_class: type, model: nn.Module, example_inputs: Any, importance: Any, ratio: float,
-                kwargs: dict[str, Any]) -> Any:
-    """The one place where the project builds a torch-pruning pruner.
-
-    The pruner is an instance of :func:`~orthoreg_tp.adapters.pruner.adapted_pruner_class` of ``pruner_class``:
-    its dependency graph carries the work-arounds for torch-pruning's bugs, so nothing needs a context manager.
-    ``kwargs`` are already merged with the spec's; the caller runs ``spec.finalize`` after pruning.
-    """
-    robust_class = adapted_pruner_class(pruner_class)
-    return robust_class(model, example_inputs, importance=importance, pruning_ratio=ratio, **kwargs)
+__all__ = ["Outcome", "PruneSession", "Trial", "execute"]
 
 
 class ImportanceFailure(Exception):
@@ -143,6 +144,7 @@ class PruneSession:
         self.round_to = math.lcm(cfg.round_to or 1, spec.round_to or 1)
         self.importance = _Guarded(ranking_importance(importance, cfg, self.round_to))
         self.snap = snapshot(model)
+        self.params_before = count_params(model)
         self.frozen: dict[str, str] = {}
         self.extra_ignored: list[nn.Module] = []
         self.frozen_classes: dict[type, int] = {}
@@ -157,19 +159,14 @@ class PruneSession:
             yield
 
     def _kwargs(self, ratio: float, ranking: Ranking | None) -> dict[str, Any]:
-        kwargs = self.spec.pruner_kwargs()
-        kwargs["ignored_layers"] += self.user_ignored + self.extra_ignored
-        kwargs["round_to"] = self.round_to if self.round_to > 1 else None
-        kwargs["global_pruning"] = self.cfg.global_ranking
+        base = self.spec.pruner_kwargs()
+        base["ignored_layers"] += self.user_ignored + self.extra_ignored
+        base["round_to"] = self.round_to if self.round_to > 1 else None
+        base["global_pruning"] = self.cfg.global_ranking
+        base["pruning_ratio"] = ratio
         if ranking is not None and not self.cfg.global_ranking:
-            kwargs["pruning_ratio_dict"] = {m: min(ratio, cap) for m, cap in ranking.caps.items()}
-        for key, value in self.pruner_kwargs.items():
-            if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
-                kwargs[key] = {**kwargs[key], **value}
-            elif isinstance(value, (list, tuple)) and isinstance(kwargs.get(key), list):
-                kwargs[key] = kwargs[key] + list(value)
-            else:
-                kwargs[key] = value
+            base["pruning_ratio_dict"] = {m: min(ratio, cap) for m, cap in ranking.caps.items()}
+        kwargs = merge_pruner_kwargs(self.model, base, self.pruner_kwargs)
         kwargs.setdefault("forward_fn", lambda m, x: run_model(m, x, unpack=self.unpack))
         return kwargs
 
@@ -177,7 +174,7 @@ class PruneSession:
         for p in self.model.parameters():
             p.requires_grad_(True)  # torch-pruning traces the graph through autograd
         try:
-            return make_pruner(self.pruner_class, self.model, self.example_inputs, self.importance, ratio,
+            return make_pruner(self.pruner_class, self.model, self.example_inputs, self.importance,
                                self._kwargs(ratio, ranking))
         except ImportanceFailure:
             raise
@@ -324,3 +321,123 @@ def _freeze_candidate(model: nn.Module, layer: str | None, frozen: dict[str, str
             return None
         name = name.rpartition(".")[0]
     return name or None
+
+
+# ---------------------------------------------------------------------------------------------- the call's loop
+@dataclass
+class Outcome:
+    """What :func:`execute` leaves: the session kept, the ratio applied, the kept trial, the budget's trials."""
+
+    session: PruneSession
+    ratio: float
+    trial: Trial
+    trials: list[tuple[float, float]]
+    latency: dict[str, Any] | None
+    widths_after: dict[str, int]
+
+
+def execute(model: nn.Module, example_inputs: Any, importance: Any, cfg: PruneConfig, spec: PruningSpec,
+            reference: Trace, unpack: bool | None, pruner_class: type, pruner_kwargs: dict[str, Any]) -> Outcome:
+    """Prune ``model`` as ``cfg`` asks (ratio or budget, ``round_to`` chosen when ``"auto"``), or restore and raise.
+
+    With ``cfg.dry_run`` the model is restored after the kept trial was measured.
+    """
+    probe = LatencyProbe(model, example_inputs, cfg) if _measures_latency(cfg) else None
+
+    def session_for(round_to: int | None) -> PruneSession:
+        return PruneSession(model, example_inputs, importance, dataclasses.replace(cfg, round_to=round_to), spec,
+                            reference, unpack, pruner_class, dict(pruner_kwargs))
+
+    session = None
+    try:
+        candidates: dict[int, float] = {}
+        round_to = cfg.round_to
+        if round_to == "auto":
+            round_to, candidates = _fastest_round_to(session_for, probe)
+        session = session_for(round_to)
+        applied, trial, trials = _run(session, probe)
+        by_latency = cfg.target is not None and cfg.target[0] == "latency"
+        latency = probe.report(model, candidates, reuse_last=by_latency) if probe is not None else None
+        widths_after = layer_widths(model)
+        if cfg.dry_run:
+            restore(session.snap)
+    except BaseException:
+        if session is not None:
+            restore(session.snap)
+        raise
+    return Outcome(session, applied, trial, trials, latency, widths_after)
+
+
+def _measures_latency(cfg: PruneConfig) -> bool:
+    return cfg.round_to == "auto" or (cfg.target is not None and cfg.target[0] == "latency")
+
+
+def _fastest_round_to(session_for: Callable[[int], PruneSession], probe: LatencyProbe) -> tuple[int, dict[int, float]]:
+    """Prune with each of :data:`AUTO_ROUND_TO` (restoring after each): the fastest multiple and every ratio."""
+    candidates: dict[int, float] = {}
+    error: PruningError | None = None
+    for multiple in AUTO_ROUND_TO:
+        session = session_for(multiple)
+        try:
+            _run(session, probe)
+            candidates[multiple] = probe.measure(session.model)[0]
+        except PruningError as err:  # e.g. a budget no multiple-of-32 width can reach
+            error = err
+        finally:
+            restore(session.snap)
+    if not candidates:
+        raise error if error is not None else PruningError(probe.model_class, None, "no round_to candidate")
+    return min(candidates, key=lambda m: (candidates[m], m)), candidates
+
+
+def _run(session: PruneSession, probe: LatencyProbe | None) -> tuple[float, Trial, list[tuple[float, float]]]:
+    """Prune by ratio or budget: ``(ratio used, the kept trial, (ratio, kept fraction) of every trial)``."""
+    try:
+        ranking = session.ranking()
+    except ImportanceFailure as err:
+        raise err.original from None
+    except StepError as err:
+        raise PruningError(session.model_class, err.layer, str(err)) from err
+    limit = ranking.largest_ratio() if session.cfg.global_ranking else 1.0
+    if session.cfg.target is None:
+        return _run_ratio(session, ranking, limit)
+    return _run_budget(session, probe, limit)
+
+
+def _run_ratio(session: PruneSession, ranking: Ranking, limit: float) -> tuple[float, Trial, list]:
+    cfg = session.cfg
+    applied = float(cfg.ratio)
+    if cfg.global_ranking and ranking.removable(applied) > ranking.scored - ranking.protected:
+        applied = limit
+        if limit > 0:  # else nothing can go: the error below says why
+            warnings.warn(f"pruning {session.model_class}: ratio {cfg.ratio:.4g} would cut into the per-layer floor "
+                          f"(min_keep_ratio={cfg.min_keep_ratio!r}); pruning {applied:.4g} instead", stacklevel=5)
+    trial = session.attempt_repaired(applied)
+    if cfg.ratio > 0 and not trial.history:
+        raise PruningError(session.model_class, None, session.why_nothing(cfg.ratio))
+    return applied, trial, []
+
+
+def _run_budget(session: PruneSession, probe: LatencyProbe | None, limit: float) -> tuple[float, Trial, list]:
+    kind, goal = session.cfg.target
+    base = session.reference.macs if kind == "macs" else session.params_before
+    kept: dict[float, Trial] = {}
+
+    def measure(r: float) -> float:
+        kept[r] = session.attempt_repaired(r)
+        if kind == "latency":
+            return probe.measure(session.model)[0]
+        return (kept[r].macs if kind == "macs" else kept[r].params) / max(base, 1)
+
+    try:
+        applied, trials = search_ratio(measure, goal, session.cfg.tolerance, min(session.cfg.max_ratio, limit),
+                                       what=f"{kind} budget")
+    except BudgetUnreachable as err:
+        under = [r for r, f in err.trials if f <= goal]
+        if kind != "latency" or not under:
+            raise PruningError(session.model_class, None, str(err)) from err
+        applied, trials = min(under), err.trials  # noisy timings: the least-pruned trial within the budget
+        trial = session.attempt_repaired(applied)
+        probe.measure(session.model)  # the report's figure is of the model kept
+        return applied, trial, trials
+    return applied, kept[applied], trials

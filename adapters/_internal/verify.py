@@ -9,7 +9,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .generic import flatten_tensors, layer_macs, run_model
+from orthoreg_tp._state import eval_mode
+
+from .tracing import batch_size, flatten_tensors, layer_macs, run_model
 
 __all__ = [
     "ForwardResult",
@@ -49,7 +51,8 @@ def checked_forward(
     """Run ``model`` once under ``no_grad``, counting conv/linear MACs and naming the layer that fails.
 
     MACs follow torch-pruning's convention: conv, linear and ``nn.MultiheadAttention`` projections, counted
-    from their output shapes; functional matmuls inside attention are not counted.
+    from their output shapes, per sample (divided by the inputs' batch size); functional matmuls inside attention
+    are not counted.
 
     ``select(output)`` picks the output tensors returned (all of them by default).
 
@@ -85,7 +88,7 @@ def checked_forward(
         for h in handles:
             h.remove()
     out = select(out) if select is not None else out
-    return ForwardResult(tuple(t.detach() for t in flatten_tensors(out)), macs[0])
+    return ForwardResult(tuple(t.detach() for t in flatten_tensors(out)), macs[0] // batch_size(example_inputs))
 
 
 def first_non_finite_layer(
@@ -125,22 +128,17 @@ def compare_outputs(
 
 
 def count_macs_params(model: nn.Module, example_inputs: Any, *, unpack: bool | None = None) -> tuple[int, int]:
-    """``(MACs, parameters)`` of ``model`` on ``example_inputs``: the project's one counter.
+    """``(MACs per sample, parameters)`` of ``model`` on ``example_inputs``: the project's one counter.
 
     The same figures :func:`~orthoreg_tp.adapters.prune` reports (:func:`checked_forward`'s convention: conv,
     linear and ``nn.MultiheadAttention`` projections), in eval mode; every module's train/eval mode is restored.
 
     Example:
-        >>> count_macs_params(nn.Linear(4, 2), torch.zeros(1, 4))
-        (8, 10)
+        >>> count_macs_params(nn.Linear(4, 2), torch.zeros(1, 4)), count_macs_params(nn.Linear(4, 2), torch.zeros(3, 4))
+        ((8, 10), (8, 10))
     """
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         macs = checked_forward(model, example_inputs, unpack=unpack).macs
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return macs, count_params(model)
 
 

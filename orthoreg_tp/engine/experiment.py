@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from .._inputs import latency_inputs
 from ..adapters import replay
-from ..adapters.latency import latency_inputs
 from ..latency import compare_latency
 from ..metrics import layer_widths, mean_orthonormality
 from ..regularizer import OrthoRegularizer, find_classifier

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters import PruneConfig, PruneReport, prune, replay
-from ..adapters.verify import count_macs_params
+from ..adapters import PruneConfig, PruneReport, count_macs_params, prune, replay
 from .models import build_model
 from .records import atomic_torch_save, safe_torch_load
 

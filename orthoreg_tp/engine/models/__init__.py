@@ -5,8 +5,8 @@ Example:
     >>> model = build_model("vgg13", num_classes=100)
 """
 
+from .catalog import build_model, list_models, register_model
 from .mobilenet import MobileNetV1, mobilenet_v1
-from .registry import build_model, list_models, register_model
 from .resnet import BasicBlock, CifarResNet, resnet34, resnet56
 from .tiny import TinyCNN, tiny_cnn, tiny_resnet
 from .vgg import VGG, vgg13

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import FeaturesClassifier
-from .registry import register_model
+from .catalog import register_model
 
 # (width, stride) of the 13 depthwise-separable blocks (docs/method.md, section 5).
 MOBILENET_V1_CFG: tuple[tuple[int, int], ...] = (

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .registry import register_model
+from .catalog import register_model
 
 
 class BasicBlock(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import FeaturesClassifier
-from .registry import register_model
+from .catalog import register_model
 
 
 class TinyCNN(FeaturesClassifier):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import FeaturesClassifier
-from .registry import register_model
+from .catalog import register_model
 
 VGG13_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 

@@ -28,9 +28,9 @@ from torchvision.models import shufflenetv2, swin_transformer, vision_transforme
 from torchvision.models.optical_flow import raft
 from torchvision.ops import misc as misc_ops
 
-from .generic import frozen_block
-from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
-from .spec import Fixup, FixupContext, SpecPart
+from .._internal.generic import frozen_block
+from ..registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
+from ..spec import Fixup, FixupContext, SpecPart
 
 __all__ = ["FrozenBatchNormPruner", "is_torchvision_model"]
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch.nn as nn
 import transformers
 
-from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
-from .spec import Fixup, FixupContext, SpecPart
+from ..registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
+from ..spec import Fixup, FixupContext, SpecPart
 
 __all__ = ["is_transformers_model"]
 

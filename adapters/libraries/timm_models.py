@@ -48,10 +48,10 @@ import torch_pruning as tp
 
 from orthoreg_tp import along, register_param_slices
 
-from .generic import frozen_block, opaque_attention
-from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
-from .spec import Fixup, FixupContext, SpecPart
-from .widthfree import switch_to_width_free, width_free_class
+from .._internal.generic import frozen_block, opaque_attention
+from .._internal.widthfree import switch_to_width_free, width_free_class
+from ..registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
+from ..spec import Fixup, FixupContext, SpecPart
 
 __all__ = [
     "PatchMergingPruner",

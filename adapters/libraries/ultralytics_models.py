@@ -26,9 +26,9 @@ from typing import Any
 import torch.nn as nn
 from ultralytics.nn.tasks import BaseModel
 
-from .generic import frozen_block
-from .registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
-from .spec import SpecPart
+from .._internal.generic import frozen_block
+from ..registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
+from ..spec import SpecPart
 
 __all__ = ["is_ultralytics_model", "yolo_predictions"]
 
