@@ -127,8 +127,9 @@ def remap_optimizer_(
                 continue
             new = new_params[name]
             state = optimizer.state.pop(p, None)
-            if state:
-                optimizer.state[new] = _sliced_state(name, p, new, state, kept.get(name))
+            sliced = _sliced_state(name, p, new, state, kept.get(name)) if state else {}
+            if sliced:
+                optimizer.state[new] = sliced
             group["params"][i] = new
             replaced += 1
     return replaced
