@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from orthoreg_tp.floor import DEFAULT_MIN_KEEP_RATIO
+
 __all__ = ["AUTO_ROUND_TO", "TARGET_KINDS", "PruneConfig"]
 
 TARGET_KINDS = ("macs", "params", "latency")
@@ -60,7 +62,7 @@ class PruneConfig:
     ratio: float | None = None
     target: tuple[str, float] | None = None
     global_ranking: bool = True
-    min_keep_ratio: float | None = 0.05
+    min_keep_ratio: float | None = DEFAULT_MIN_KEEP_RATIO
     round_to: int | str | None = None
     tolerance: float = 0.05
     max_ratio: float = 0.95

@@ -77,8 +77,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--timeout-s", type=float, default=240.0, help="hard wall-clock kill per model")
     group.add_argument("--threads", type=int, default=2)
     group.add_argument("--fresh", action="store_true", help="drop earlier results instead of merging")
-    group.add_argument("--update-readme", action="store_true",
-                       help="ignored: results go to benchmarks/results/ only (kept so recorded commands still run)")
     group.add_argument("--name", default="prunability", help="results file stem under benchmarks/results/")
     worker = parser.add_argument_group("worker (internal)")
     worker.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -481,9 +479,6 @@ def main(args: argparse.Namespace) -> None:
         json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
         md_path.write_text(write_markdown(records, meta, args.limit_s))
     print(f"results: {json_path} and {md_path}", flush=True)
-    if args.update_readme:
-        print("--update-readme is ignored: the README no longer carries the table (see benchmarks/README.md)",
-              flush=True)
 
 
 def _extra_versions(suites: list[str]) -> str:

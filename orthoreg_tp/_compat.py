@@ -1,7 +1,9 @@
-"""The only place that touches torch-pruning internals (tested against 1.6.x).
+"""The toolbox's access to torch-pruning internals (tested against 1.6.x).
 
-Everything private we rely on goes through here, so a torch-pruning upgrade breaks one module and the test
-``tests/test_compat.py`` fails loudly instead of scores silently going wrong.
+The private pieces the toolbox relies on (handler directions, root indices, ranked groups, channel counts) go
+through here, so a torch-pruning upgrade breaks one module and ``tests/test_compat.py`` fails loudly instead of
+scores silently going wrong. The adapters' robust dependency graph (``adapters/_internal/hostgraph.py``) subclasses
+torch-pruning's graph and imports its internals itself; ``tests/test_adapters_graph.py`` pins their sources.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ from . import _compat
 
 NORMALIZERS: tuple[str, ...] = ("mean", "max", "sum", "standarization", "gaussian", "lamp")
 PROTECTED_SCORE = 1e30  # what protected channels score: finite in float32, above any real score
+#: The paper's floor: every layer keeps ``int(0.05 * width) + 1`` channels (its 95% per-layer cap). The one
+#: default of the project: importances, ``PruneConfig`` and the recipes' methods all take it from here.
+DEFAULT_MIN_KEEP_RATIO = 0.05
 
 
 def keep_floor(initial_width: int, min_keep_ratio: float) -> int:
@@ -114,7 +117,7 @@ class FloorImportance(tp.importance.Importance):
     """
 
     def __init__(self, inner: Any, initial_widths: Mapping[str, int] | None = None, *,
-                 min_keep_ratio: float = 0.05, normalizer: str | None = None) -> None:
+                 min_keep_ratio: float = DEFAULT_MIN_KEEP_RATIO, normalizer: str | None = None) -> None:
         if normalizer is not None and normalizer not in NORMALIZERS:
             raise ValueError(f"unknown normalizer, got {normalizer!r}; choose one of {list(NORMALIZERS)} or None")
         self.inner = inner

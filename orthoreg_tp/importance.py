@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import _compat
 from .accumulate import ParamStatistics, batch_size_of, model_device, to_device, trainable_params
-from .floor import LayerFloor
+from .floor import DEFAULT_MIN_KEEP_RATIO, LayerFloor
 from .grouping import iter_group, scatter_channel_sums
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class AccumulatingImportance(tp.importance.Importance):
         normalizer: ``None`` (raw scores; comparable across layers, as the paper ranks them) or one of
             torch-pruning's normalizers (``"mean"``, ``"max"``, ``"sum"``, ``"lamp"``, ...).
         min_keep_ratio: The paper's per-layer floor: each group keeps at least
-            ``int(min_keep_ratio * initial_width) + 1`` channels (they score ``+inf``); ``None`` disables it.
+            ``int(min_keep_ratio * initial_width) + 1`` channels (they score ``PROTECTED_SCORE``, 1e30: finite, above
+            every real score); ``None`` disables it.
             Layers are never emptied, so torch-pruning does not silently drop whole groups and the achieved
             global ratio matches the requested one.
         initial_widths: ``{layer name: original width}`` for the floor (default: each layer's width the first
@@ -65,7 +66,7 @@ class AccumulatingImportance(tp.importance.Importance):
         *,
         scope: Scope = "group",
         normalizer: Any = None,
-        min_keep_ratio: float | None = 0.05,
+        min_keep_ratio: float | None = DEFAULT_MIN_KEEP_RATIO,
         initial_widths: Mapping[str, int] | None = None,
     ) -> None:
         if scope not in ("group", "filter"):

@@ -9,6 +9,7 @@ from typing import Any
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from .floor import DEFAULT_MIN_KEEP_RATIO, FloorImportance
 from .importance import AccumulatingImportance, OrthoRegImportance
 from .metrics import prunable_channels
 from .regularizer import OrthoRegularizer
@@ -19,7 +20,9 @@ class OrthoRegPruner(tp.pruner.BasePruner):
 
     Everything but the regularizer is torch-pruning's ``BasePruner``: keyword arguments are forwarded to it
     unchanged. Defaults differ only where the paper does: ``global_pruning=True`` (filters of all layers are
-    ranked together), ``max_pruning_ratio=0.95`` (the per-layer 5% floor) and ``importance=OrthoRegImportance()``.
+    ranked together) and ``importance=OrthoRegImportance()``. The per-layer floor (``int(0.05 * width) + 1``
+    channels) lives in the importance's scores, because torch-pruning's ``max_pruning_ratio`` does not cap a global
+    step: an importance without a floor of its own is wrapped in :class:`~orthoreg_tp.FloorImportance`.
 
     Args:
         model: The model to prune.
@@ -47,14 +50,16 @@ class OrthoRegPruner(tp.pruner.BasePruner):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("global_pruning", True)
-        kwargs.setdefault("max_pruning_ratio", 0.95)
+        importance = importance or OrthoRegImportance()
+        if getattr(importance, "floor", None) is None:
+            importance = FloorImportance(importance, min_keep_ratio=DEFAULT_MIN_KEEP_RATIO)
         self.regularizer = OrthoRegularizer(
             model,
             coefficient,
             ignored_layers=[m for m in kwargs.get("ignored_layers") or [] if isinstance(m, nn.Module)],
             **dict(regularizer_kwargs or {}),
         )
-        super().__init__(model, example_inputs, importance=importance or OrthoRegImportance(), **kwargs)
+        super().__init__(model, example_inputs, importance=importance, **kwargs)
         self._initial_channels = prunable_channels(self)
 
     def regularize(self, model: nn.Module, loss: Tensor | None = None) -> None:

@@ -14,7 +14,7 @@ def test_sparse_training_loop_with_pruning_steps(tiny_cnn):
         model, x[:1], coefficient=1e-2, pruning_ratio=0.5, iterative_steps=2, ignored_layers=[model[8]]
     )
     assert isinstance(pruner.importance, OrthoRegImportance)
-    assert pruner.global_pruning and pruner.max_pruning_ratio == 0.95
+    assert pruner.global_pruning and pruner.importance.floor is not None  # the floor lives in the scores
     assert [n for n, _ in pruner.regularizer.layers] == ["0", "3"]
     for _ in range(2):
         opt = torch.optim.SGD(model.parameters(), lr=0.05)  # parameters are replaced by pruning: rebuild
@@ -82,3 +82,15 @@ def test_step_before_accumulation_raises(tiny_cnn):
     with pytest.raises(RuntimeError, match="accumulate"):
         pruner.step()
     assert model[0].out_channels == 16  # nothing was pruned
+
+
+def test_an_importance_without_a_floor_gets_the_papers_floor(tiny_cnn):
+    torch.manual_seed(0)
+    model = tiny_cnn(1, (16, 32), 4)
+    x = torch.randn(2, 1, 8, 8)
+    pruner = OrthoRegPruner(model, x[:1], importance=tp.importance.MagnitudeImportance(normalizer=None),
+                            pruning_ratio=0.9, ignored_layers=[model[8]])
+    pruner.step()
+    # 44 of 48 channels go; every layer keeps at least int(0.05 * width) + 1 of its own
+    assert model[0].out_channels >= 1 and model[3].out_channels >= 2
+    assert model[0].out_channels + model[3].out_channels == 4

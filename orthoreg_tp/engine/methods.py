@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..baselines import GraSPImportance, RDTImportance, TFOImportance
-from ..floor import FloorImportance
+from ..floor import DEFAULT_MIN_KEEP_RATIO, FloorImportance
 from ..importance import FisherImportance, OrthoRegImportance
 from .distributed import all_reduce_grads_
 
@@ -91,7 +91,7 @@ def get_method(name: str) -> Method:
 
 
 def build_importance(method: Method, initial_widths: Mapping[str, int], *, seed: int = 0,
-                     min_keep_ratio: float = 0.05, normalizer: str | None = None) -> FloorImportance:
+                     min_keep_ratio: float = DEFAULT_MIN_KEEP_RATIO, normalizer: str | None = None) -> FloorImportance:
     """The method's importance behind the per-layer floor (scores normalized per layer if ``normalizer``).
 
     Example:
