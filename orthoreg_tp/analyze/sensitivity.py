@@ -213,6 +213,9 @@ class _ModelState:
     def restore(self) -> None:
         for m, training in self.modes:
             m.training = training
+        self.restore_flags()
+
+    def restore_flags(self) -> None:
         for m, key, flag in self.flags:
             p = m._parameters.get(key)
             if p is not None:
@@ -441,6 +444,7 @@ def sensitivity(model: nn.Module, example_inputs: Any, data: Iterable, *,
             p.requires_grad_(True)  # torch-pruning traces the graph through autograd
         pruner = build_pruner(model, example_inputs, importance=importance, pruning_ratio=0.0, **pruner_kwargs)
         model.eval()
+        state.restore_flags()  # frozen parameters stay unscored, as the importance accumulated them
         predicts = isinstance(importance, OrthoRegImportance) and importance.normalizer is None
         plans = _plan(pruner, importance, predicts)
         ctx = _Context(model, pruner, batches, loss_fn, baseline, predicts, min_keep_ratio)
