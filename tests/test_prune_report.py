@@ -1,0 +1,62 @@
+"""What a PruneReport says: MACs per sample as torch-pruning counts them, blocks the forward never uses."""
+
+import pytest
+import torch
+import torch_pruning as tp
+import torchvision
+from torch import nn
+
+from orthoreg_tp.adapters import count_macs_params, prune
+
+
+def magnitude():
+    return tp.importance.GroupMagnitudeImportance()
+
+
+def test_macs_are_per_sample_as_torch_pruning_counts_them():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    seen = set()
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 64, 64)
+        tp_macs, _ = tp.utils.count_ops_and_params(model, x)
+        report = prune(model, x, importance=magnitude(), ratio=0.5, dry_run=True)
+        # torch-pruning also counts BN, ReLU and pooling; the project counts conv/linear/attention projections
+        assert report.macs_before == pytest.approx(tp_macs, rel=0.01)
+        assert count_macs_params(model, x)[0] == report.macs_before
+        seen.add((report.macs_before, report.macs_after))
+    assert len(seen) == 1  # the same figures for a batch of 1 and of 4
+
+
+class WithUnusedBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.deep = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))  # built, never called
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.stem(x).mean((2, 3)))
+
+
+def test_blocks_the_forward_never_uses_are_named_and_left_unpruned():
+    model = WithUnusedBranch()
+    report = prune(model, torch.randn(1, 3, 8, 8), importance=magnitude(), ratio=0.5)
+    assert report.unused == ("deep (1,168 parameters)",)
+    assert "never used by the forward: deep" in str(report)
+    assert [m.out_channels for m in model.deep] == [8, 8] and model.stem.out_channels == 4
+
+
+def test_a_model_whose_forward_uses_everything_reports_nothing_unused():
+    report = prune(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)), torch.randn(1, 3, 8, 8),
+                   importance=magnitude(), ratio=0.5)
+    assert report.unused == ()
+
+
+@pytest.mark.slow
+def test_pspnet_reports_the_encoder_stages_its_forward_skips():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = smp.PSPNet("resnet34", encoder_weights=None, classes=2)  # encoder_depth=3: layer3/layer4 never run
+    report = prune(model, torch.randn(1, 3, 64, 64), importance=magnitude(), ratio=0.5)
+    assert [u.split(" ")[0] for u in report.unused] == ["encoder.layer3", "encoder.layer4"]
+    assert report.params_fraction > 0.9  # most weights sit in the unused stages, as the report now says
