@@ -206,6 +206,158 @@ def ortho_penalty_grad(blocks: Tensor, norm: Norm = "l1") -> Tensor:
     return 2.0 * (s @ blocks) if rows_gram else 2.0 * (blocks @ s)
 
 
+# Grams of at least twice this side are computed in panels of this many rows, each symmetric pair of panels once
+# (5/8 of the products at side 512, 3/4 at 256); measured 12-25% faster than one product on CPU (MKL, 1 thread).
+_PANEL = 128
+
+
+def filter_matrix_shape(
+    weight_shape: Sequence[int], *, has_bias: bool = False, groups: int = 1, transposed: bool = False
+) -> tuple[int, int, int]:
+    """The shape ``[num_blocks, rows, cols]`` of :func:`filter_matrix`, from the layer's shapes alone (no tensor work).
+
+    Args:
+        weight_shape: Shape of the layer's weight.
+        has_bias: Whether a bias column is appended.
+        groups: Number of conv groups.
+        transposed: Whether the weight is a transposed-conv weight.
+
+    Returns:
+        ``(num_blocks, rows, cols)``.
+
+    Example:
+        >>> filter_matrix_shape((16, 4, 3, 3), has_bias=True, groups=2)
+        (2, 8, 37)
+    """
+    shape = tuple(int(s) for s in weight_shape)
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups!r}")
+    if len(shape) < 2:
+        raise ValueError(f"filter_matrix needs a weight with >= 2 dims, got shape {shape}")
+    kernel = math.prod(shape[2:])
+    if transposed:
+        blocks, rows, cols = groups, shape[1], shape[0] // groups * kernel
+    elif groups > 1 and len(shape) >= 3 and shape[1] == 1:  # depthwise (is_depthwise)
+        blocks, rows, cols = 1, shape[0], kernel
+    else:
+        blocks, rows, cols = groups, shape[0] // groups, shape[1] * kernel
+    return blocks, rows, cols + int(has_bias)
+
+
+def ortho_grad(
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    groups: int = 1,
+    transposed: bool = False,
+    norm: Norm = "l1",
+    scale: float = 1.0,
+    add_to: tuple[Tensor | None, Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``scale`` times the gradient of ``ortho_penalty(filter_matrix(weight, bias, ...), norm)`` w.r.t. the parameters.
+
+    The result of :func:`filter_matrix`, :func:`ortho_penalty_grad` and :func:`filter_matrix_grad_to_params` in a
+    row, for less: the weight is read through a view (never copied; a bias enters the rows' Gram as the rank-1
+    term ``b b^T``, not as a concatenated column), ``scale`` is folded into the small sign matrix, the gradient
+    product is accumulated straight into ``add_to`` (e.g. the parameters' ``.grad``), and large Grams are computed
+    one symmetric pair of panels at a time on CPU (5/8 to 3/4 of the products). Transposed convs, tall blocks with a
+    bias and weights no view fits (channels-last) take the reference path.
+
+    Args:
+        weight: The layer's weight (as for :func:`filter_matrix`; detach it first).
+        bias: Optional bias, one more column of each filter row.
+        groups: Number of conv groups.
+        transposed: Whether ``weight`` is a transposed-conv weight.
+        norm: ``"l1"`` or ``"fro"``.
+        scale: Factor on the gradient (the regularizer's ``lambda * alpha_l``).
+        add_to: ``(grad_weight, grad_bias)`` shaped like ``weight`` and ``bias`` to add the result into, in place;
+            ``None`` entries (or ``add_to=None``) get new tensors.
+
+    Returns:
+        ``(grad_weight, grad_bias)``: the tensors holding the result (those of ``add_to`` where given);
+        ``grad_bias`` is ``None`` without a bias.
+
+    Example:
+        >>> w = torch.randn(8, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+        >>> ref, = torch.autograd.grad(ortho_penalty(filter_matrix(w)), w)
+        >>> torch.allclose(ortho_grad(w.detach())[0], ref)
+        True
+    """
+    _check_norm(norm)
+    n, rows, cols = filter_matrix_shape(weight.shape, has_bias=bias is not None, groups=groups, transposed=transposed)
+    out_w, out_b = add_to if add_to is not None else (None, None)
+    m = None if transposed or not weight.is_contiguous() else weight.view(n, rows, -1)
+    if m is None or (rows > cols and bias is not None):
+        return _reference_grad(weight, bias, groups, transposed, norm, scale, out_w, out_b)
+    if rows > cols:  # G = M^T M, gradient 2 M S
+        s = _sign_scaled_(_sym_gram(m.transpose(1, 2)), norm, scale)
+        return _product_into(out_w, weight, m, s), None
+    b = None if bias is None else bias.reshape(n, rows, 1)
+    g = _sym_gram(m)
+    if b is not None:
+        g.baddbmm_(b, b.transpose(1, 2))
+    s = _sign_scaled_(g, norm, scale)  # G = M M^T (+ b b^T), gradient 2 S [M | b]
+    return _product_into(out_w, weight, s, m), (None if b is None else _product_into(out_b, bias, s, b))
+
+
+def _sym_gram(a: Tensor) -> Tensor:
+    """``a @ a^T`` of a ``[n, d, k]`` batch (a view is fine); on CPU each symmetric pair of panels computed once."""
+    n, d = a.shape[0], a.shape[1]
+    if d < 2 * _PANEL or a.device.type != "cpu":  # GPUs: one launch beats several smaller ones
+        return _mm(a, a.transpose(1, 2))
+    g = a.new_empty(n, d, d)
+    for start in range(0, d, _PANEL):
+        stop = min(start + _PANEL, d)
+        panel = _mm(a[:, start:stop], a[:, start:].transpose(1, 2))  # rows start:stop, columns start:
+        g[:, start:stop, start:] = panel
+        g[:, stop:, start:stop] = panel[:, :, stop - start :].transpose(1, 2)
+    return g
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """Batched product; a single block goes through ``mm`` (faster than ``bmm`` on CPU)."""
+    return torch.mm(a[0], b[0]).unsqueeze(0) if a.shape[0] == 1 else torch.bmm(a, b)
+
+
+def _sign_scaled_(g: Tensor, norm: str, scale: float) -> Tensor:
+    """In place: ``G -> 2 scale sign(G - I)`` (L1) or ``4 scale (G - I)`` (Frobenius), the gradient's left factor."""
+    g.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    return g.sign_().mul_(2.0 * scale) if norm == "l1" else g.mul_(4.0 * scale)
+
+
+def _product_into(out: Tensor | None, like: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``out += a @ b`` (batched) viewed as ``out``'s shape, in place when ``out`` allows; else a new tensor."""
+    n, rows = a.shape[0], a.shape[1]
+    if out is None:
+        return _mm(a, b).reshape(like.shape)
+    if out.is_contiguous() and out.dtype == a.dtype and out.device == a.device:
+        view = out.view(n, rows, -1)
+        if n == 1:
+            view[0].addmm_(a[0], b[0])
+        else:
+            view.baddbmm_(a, b)
+    else:
+        out.add_(_mm(a, b).reshape(out.shape).to(out.dtype))
+    return out
+
+
+def _reference_grad(
+    weight: Tensor, bias: Tensor | None, groups: int, transposed: bool, norm: str, scale: float,
+    out_w: Tensor | None, out_b: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    blocks = filter_matrix(weight, bias, groups=groups, transposed=transposed)
+    grad_blocks = ortho_penalty_grad(blocks, norm).mul_(scale)
+    gw, gb = filter_matrix_grad_to_params(grad_blocks, weight.shape, has_bias=bias is not None, groups=groups,
+                                          transposed=transposed)
+    return _add_into(out_w, gw), (None if gb is None else _add_into(out_b, gb))
+
+
+def _add_into(out: Tensor | None, value: Tensor) -> Tensor:
+    if out is None:
+        return value.clone(memory_format=torch.contiguous_format)  # value may be a view of a larger tensor
+    return out.add_(value.to(out.dtype))
+
+
 def orthonormality_degree(blocks: Tensor) -> Tensor:
     """The paper's degree of orthonormality ``||diag(G)||_1 / ||G||_1`` (1.0 = perfectly orthogonal).
 

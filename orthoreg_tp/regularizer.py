@@ -13,9 +13,9 @@ from .functional import (
     Norm,
     block_width,
     filter_matrix,
-    filter_matrix_grad_to_params,
+    filter_matrix_shape,
+    ortho_grad,
     ortho_penalty,
-    ortho_penalty_grad,
     sqrt_width_weights,
 )
 
@@ -50,6 +50,11 @@ def _layer_parts(module: nn.Module, include_bias: bool) -> tuple[Tensor, Tensor 
     groups = getattr(module, "groups", 1)
     transposed = bool(getattr(module, "transposed", False))
     return module.weight, bias, groups, transposed
+
+
+def _blocks_shape(module: nn.Module, include_bias: bool) -> tuple[int, int, int]:
+    weight, bias, groups, transposed = _layer_parts(module, include_bias)
+    return filter_matrix_shape(weight.shape, has_bias=bias is not None, groups=groups, transposed=transposed)
 
 
 class OrthoRegularizer:
@@ -148,7 +153,7 @@ class OrthoRegularizer:
             return {n: float(self.layer_weights.get(n, 0.0)) for n in names}
         if self.layer_weights == "uniform":
             return {n: 1.0 / len(names) for n in names}
-        widths = [block_width(self._blocks(m, detach=True).shape) for _, m in self.layers]
+        widths = [block_width(_blocks_shape(m, self.include_bias)) for _, m in self.layers]
         return dict(zip(names, sqrt_width_weights(widths)))
 
     def penalty(self) -> Tensor:
@@ -185,20 +190,11 @@ class OrthoRegularizer:
         alphas = self.weights()
         for name, m in self.layers:
             weight, bias, groups, transposed = _layer_parts(m, self.include_bias)
-            blocks = filter_matrix(
-                weight.detach(), None if bias is None else bias.detach(), groups=groups, transposed=transposed
+            gw, gb = ortho_grad(
+                weight.detach(), None if bias is None else bias.detach(), groups=groups, transposed=transposed,
+                norm=self.norm, scale=scale * alphas[name], add_to=(weight.grad, None if bias is None else bias.grad),
             )
-            grad_blocks = ortho_penalty_grad(blocks, self.norm) * (scale * alphas[name])
-            gw, gb = filter_matrix_grad_to_params(
-                grad_blocks, weight.shape, has_bias=bias is not None, groups=groups, transposed=transposed
-            )
-            _add_grad(weight, gw)
-            if bias is not None:
-                _add_grad(bias, gb)
-
-
-def _add_grad(param: Tensor, grad: Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad.to(param.dtype).clone()
-    else:
-        param.grad.add_(grad.to(param.grad.dtype))
+            if weight.grad is None:
+                weight.grad = gw
+            if bias is not None and bias.grad is None:
+                bias.grad = gb

@@ -7,7 +7,9 @@ from orthoreg_tp.functional import (
     filter_correlation,
     filter_matrix,
     filter_matrix_grad_to_params,
+    filter_matrix_shape,
     gram,
+    ortho_grad,
     ortho_penalty,
     ortho_penalty_grad,
     orthonormality_degree,
@@ -67,6 +69,91 @@ def test_filter_matrix_roundtrip_and_rows_are_filters(weight_shape, groups, tran
     torch.testing.assert_close(gw, w)
     if bias:
         torch.testing.assert_close(gb, b)
+
+
+LAYER_SHAPES = {  # id -> (weight shape, groups, transposed)
+    "conv": ((8, 3, 3, 3), 1, False),
+    "conv-tall": ((32, 2, 2, 2), 1, False),
+    "grouped": ((8, 2, 3, 3), 2, False),
+    "depthwise": ((6, 1, 3, 3), 6, False),
+    "transposed": ((4, 6, 3, 3), 1, True),
+    "grouped-transposed": ((4, 3, 2, 2), 2, True),
+    "linear": ((5, 7), 1, False),
+    "linear-tall": ((9, 3), 1, False),
+    "conv1d-grouped": ((8, 4, 3), 2, False),
+    "wide-panels": ((300, 40, 3, 3), 1, False),  # a 300 x 300 row Gram: computed in symmetric panels on CPU
+    "tall-panels": ((600, 290), 1, False),  # a 290 x 290 column Gram: the same
+    "grouped-panels": ((520, 130, 1, 3), 2, False),  # two 260 x 390 blocks: batched panels
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYER_SHAPES))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_filter_matrix_shape_matches_filter_matrix(kind, bias):
+    shape, groups, transposed = LAYER_SHAPES[kind]
+    out_channels = shape[1] * groups if transposed else shape[0]
+    blocks = filter_matrix(torch.zeros(shape), torch.zeros(out_channels) if bias else None, groups=groups,
+                           transposed=transposed)
+    assert filter_matrix_shape(shape, has_bias=bias, groups=groups, transposed=transposed) == tuple(blocks.shape)
+
+
+def _layer(kind, bias, seed=0):
+    shape, groups, transposed = LAYER_SHAPES[kind]
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, dtype=torch.float64, generator=gen) / shape[1] ** 0.5
+    b = torch.randn(shape[1] * groups if transposed else shape[0], dtype=torch.float64, generator=gen) if bias else None
+    return w, b, groups, transposed
+
+
+@pytest.mark.parametrize("kind", list(LAYER_SHAPES))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("norm", ["l1", "fro"])
+def test_ortho_grad_matches_autograd_of_the_penalty(kind, bias, norm):
+    w, b, groups, transposed = _layer(kind, bias)
+    params = [w.requires_grad_()] + ([b.requires_grad_()] if bias else [])
+    penalty = 0.7 * ortho_penalty(filter_matrix(w, b, groups=groups, transposed=transposed), norm)
+    ref = torch.autograd.grad(penalty, params)
+    gw, gb = ortho_grad(w.detach(), None if b is None else b.detach(), groups=groups, transposed=transposed,
+                        norm=norm, scale=0.7)
+    torch.testing.assert_close(gw, ref[0])
+    assert gw.shape == w.shape and gw.is_contiguous()
+    if bias:
+        torch.testing.assert_close(gb, ref[1])
+    else:
+        assert gb is None
+    # accumulating into existing gradients adds in place and returns those tensors
+    into_w, into_b = torch.ones_like(w), torch.ones_like(b) if bias else None
+    aw, ab = ortho_grad(w.detach(), None if b is None else b.detach(), groups=groups, transposed=transposed,
+                        norm=norm, scale=0.7, add_to=(into_w, into_b))
+    assert aw is into_w and ab is into_b
+    torch.testing.assert_close(aw, ref[0] + 1)
+    if bias:
+        torch.testing.assert_close(ab, ref[1] + 1)
+
+
+@pytest.mark.parametrize("kind", ["conv", "wide-panels", "depthwise"])
+def test_ortho_grad_with_channels_last_and_other_dtype_targets(kind):
+    w, b, groups, transposed = _layer(kind, True)
+    ref_w, ref_b = ortho_grad(w, b, groups=groups, transposed=transposed)
+    w_cl = w.to(memory_format=torch.channels_last)  # no row view of this weight: the reference path
+    gw, gb = ortho_grad(w_cl, b, groups=groups, transposed=transposed)
+    torch.testing.assert_close(gw, ref_w)
+    torch.testing.assert_close(gb, ref_b)
+    target = torch.zeros_like(w).to(memory_format=torch.channels_last)
+    ortho_grad(w, b, groups=groups, transposed=transposed, add_to=(target, None))
+    torch.testing.assert_close(target, ref_w)
+    low = torch.zeros_like(w, dtype=torch.float32)  # a target of another dtype is added to after a cast
+    ortho_grad(w, b, groups=groups, transposed=transposed, add_to=(low, None))
+    torch.testing.assert_close(low, ref_w.float())
+
+
+def test_ortho_grad_rejects_bad_input():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        ortho_grad(torch.randn(4, 3), norm="l2")
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        ortho_grad(torch.randn(4, 3, 3, 3), groups=0)
+    with pytest.raises(ValueError, match=">= 2 dims"):
+        filter_matrix_shape((4,))
 
 
 def test_depthwise_is_one_block_of_kernel_columns():

@@ -122,6 +122,56 @@ def test_follows_pruned_shapes():
         torch.testing.assert_close(p.grad, r)
 
 
+def _assert_regularize_equals_autograd(model, reg):
+    params = [p for _, m in reg.layers for p in (m.weight, m.bias if reg.include_bias else None) if p is not None]
+    ref = torch.autograd.grad(reg.penalty(), params)
+    model.zero_grad(set_to_none=True)
+    reg.regularize(model)
+    for p, r in zip(params, ref):
+        assert p.grad.shape == p.shape
+        torch.testing.assert_close(p.grad, r)
+
+
+def test_update_after_torch_pruning_replaces_parameters():
+    import torch_pruning as tp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 300, 3),  # 300 filters: the row Gram is computed in panels
+        nn.BatchNorm2d(300),
+        nn.ReLU(),
+        nn.Conv2d(300, 16, 1, bias=True),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, groups=4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 12),
+        nn.Linear(12, 2),
+    ).double()
+    reg = OrthoRegularizer(model, coefficient=0.2)
+    _assert_regularize_equals_autograd(model, reg)
+    old = {id(p) for p in model.parameters()}
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    dg.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=list(range(0, 300, 3))).prune()
+    dg.get_pruning_group(model[5], tp.prune_conv_out_channels, idxs=[0, 5, 10, 15]).prune()
+    assert model[0].weight.shape[0] == 200 and model[5].weight.shape[0] == 12
+    assert id(model[0].weight) not in old  # torch-pruning swapped in new parameter objects
+    reg.update()
+    assert [m for _, m in reg.layers] == [model[0], model[3], model[5], model[8]]
+    assert all(id(m.weight) not in old for _, m in reg.layers)  # every regularized layer was touched by the prune
+    _assert_regularize_equals_autograd(model, reg)
+
+
+@pytest.mark.parametrize("include_bias", [True, False])
+def test_regularize_channels_last_model_equals_autograd(include_bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 3, groups=2), nn.Flatten(), nn.Linear(6, 2)).double()
+    model = model.to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    reg = OrthoRegularizer(model, coefficient=0.5, include_bias=include_bias, norm="fro")
+    _assert_regularize_equals_autograd(model, reg)
+
+
 def test_ignored_layers_filter_fn_and_custom_weights():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2))
     assert [n for n, _ in OrthoRegularizer(model, ignored_layers=[model[1]]).layers] == ["0"]
