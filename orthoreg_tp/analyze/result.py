@@ -174,8 +174,8 @@ class SensitivityResult:
                 writer.writerow({**row, "layers": ";".join(row.get("layers", []))})
         return path
 
-    def to_json(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_dict` as JSON; returns the path.
+    def to_json(self, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+        """Write :meth:`to_dict` (plus the keys of ``extra``) as JSON; returns the path.
 
         Example:
             >>> import json
@@ -184,7 +184,7 @@ class SensitivityResult:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True))
+        path.write_text(json.dumps({**self.to_dict(), **(extra or {})}, indent=1, allow_nan=True))
         return path
 
     @classmethod

@@ -1,4 +1,4 @@
-"""The ``orthoreg-tp`` command: ``iterative``, ``early-bird``, ``compare``, ``export`` and ``yolo`` subcommands.
+"""The ``orthoreg-tp`` command: ``iterative``, ``early-bird``, ``compare``, ``export``, ``yolo`` and ``analyze``.
 
 The recipe subcommands take the same options as ``recipes/iterative.py`` and ``recipes/early_bird.py`` (those
 scripts call the parsers and handlers below), plus ``--config FILE``: a JSON or YAML file with
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .analyze_cli import ANALYZE_HELP, analyze_parser
 from .config import add_common_args, add_early_bird_args, add_schedule_args, config_from_args, load_config_file
 from .yolo import YOLO_HELP, yolo_parser
 
@@ -167,7 +168,8 @@ def build_parser() -> ArgumentParser:
                                       ("early-bird", early_bird_parser, EARLY_BIRD_HELP, "early_bird"),
                                       ("compare", compare_parser, COMPARE_HELP, None),
                                       ("export", export_parser, EXPORT_HELP, None),
-                                      ("yolo", yolo_parser, YOLO_HELP, None)):
+                                      ("yolo", yolo_parser, YOLO_HELP, None),
+                                      ("analyze", analyze_parser, ANALYZE_HELP, None)):
         build(sub.add_parser(name, help=text, description=text, recipe=recipe))
     return parser
 

@@ -1,0 +1,323 @@
+"""``report.html``: one self-contained page per run or analysis (tables as HTML, plots as embedded base64 PNG).
+
+No external asset, stylesheet or script: the file opens offline in any browser and can be mailed on its own.
+A recipe run writes it next to ``results.json`` every time the results are written (accuracy against MACs per
+round, per-layer widths before and after, the round table, the training curve); ``orthoreg-tp analyze`` writes
+the sensitivity table and plot. matplotlib is imported only when a figure is drawn.
+
+Example:
+    >>> page = html_document("demo", [("numbers", html_table([{"a": 1, "b": 2.5}]))])
+    >>> "<table>" in page and "http" not in page
+    True
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .records import atomic_write_bytes
+
+__all__ = ["html_document", "html_table", "png_image", "write_run_report", "write_sensitivity_report"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+ROUND_COLUMNS: tuple[str, ...] = (
+    "round", "target_pct", "pruned_pct", "filters_pruned_pct", "params", "params_pct", "macs", "macs_pct",
+    "acc_after_prune", "test_acc", "test_loss", "latency_ms", "latency_pct", "epochs",
+)
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
+color:#222;padding:0 1em}h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px solid #ccc;padding:.2em .5em;
+text-align:right}th{background:#f3f3f3}td.t,th.t{text-align:left}tr:nth-child(even){background:#fafafa}
+img{max-width:100%;border:1px solid #eee}pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}
+.sub{color:#666}
+"""
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+def _cell(value: Any, digits: int) -> tuple[str, bool]:
+    """``(escaped text, is_text)`` of one table cell."""
+    if value is None:
+        return "-", False
+    if isinstance(value, bool):
+        return str(value), True
+    if isinstance(value, float):
+        return ("nan" if math.isnan(value) else f"{value:.{digits}g}"), False
+    if isinstance(value, int):
+        return f"{value:,}", False
+    if isinstance(value, (list, tuple)):
+        value = "; ".join(map(str, value))
+    elif isinstance(value, Mapping):
+        value = json.dumps(value)
+    return html.escape(str(value)), True
+
+
+def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *, digits: int = 4) -> str:
+    """An HTML table of ``rows`` (dicts); floats with ``digits`` significant digits, ``None`` as ``-``.
+
+    Args:
+        rows: The rows.
+        columns: Columns to show (default: the keys of the first row); a column no row has is left out.
+        digits: Significant digits of floats.
+
+    Example:
+        >>> table = html_table([{"layer": "conv<1>", "width": 64}])
+        >>> table.split("</tr>")[1]
+        '<tr><td class="t">conv&lt;1&gt;</td><td>64</td>'
+    """
+    if not rows:
+        return "<p class=\"sub\">(no rows)</p>"
+    columns = [c for c in (columns or list(rows[0])) if any(c in r for r in rows)]
+    text_cols = {c for c in columns if any(_cell(r.get(c), digits)[1] for r in rows if r.get(c) is not None)}
+    head = "".join(f'<th class="t">{html.escape(c)}</th>' if c in text_cols else f"<th>{html.escape(c)}</th>"
+                   for c in columns)
+    body = []
+    for r in rows:
+        cells = "".join(f'<td class="t">{_cell(r.get(c), digits)[0]}</td>' if c in text_cols else
+                        f"<td>{_cell(r.get(c), digits)[0]}</td>" for c in columns)
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def png_image(png: bytes, *, alt: str) -> str:
+    """An ``<img>`` with the PNG embedded as a base64 data URI.
+
+    Example:
+        >>> png_image(bytes([137, 80, 78, 71]), alt="plot")
+        '<img alt="plot" src="data:image/png;base64,iVBORw=="/>'
+    """
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}"/>'
+
+
+def html_document(title: str, sections: Sequence[tuple[str, str]], *, subtitle: str = "") -> str:
+    """A complete HTML page: a title, an optional subtitle and ``(heading, html)`` sections; inline CSS only.
+
+    Example:
+        >>> html_document("t", [("s", "<p>x</p>")]).startswith("<!DOCTYPE html>")
+        True
+    """
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if subtitle:
+        parts.append(f'<p class="sub">{html.escape(subtitle)}</p>')
+    parts += [f"<h2>{html.escape(heading)}</h2>\n{body}" for heading, body in sections]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"/>"
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+
+
+def _write(path: str | os.PathLike, page: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, page.encode("utf-8"))
+    path.chmod(0o644)  # a page to share (the atomic write's temporary file is private)
+    return path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- recipe runs
+def _accuracy_vs_macs(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    rows = [r for r in rows if r.get("macs") is not None and r.get("test_acc") is not None]
+    macs = [r["macs"] / 1e6 for r in rows]
+    ax.plot(macs, [r["test_acc"] for r in rows], marker="o", label="after retraining")
+    pruned = [(r["macs"] / 1e6, r["acc_after_prune"]) for r in rows if r.get("acc_after_prune") is not None]
+    if pruned:
+        ax.scatter(*zip(*pruned), facecolors="none", edgecolors="C3", label="right after pruning")
+    for r, x in zip(rows, macs):
+        ax.annotate(f"r{r.get('round', '?')}", (x, r["test_acc"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xlabel("MACs (M)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _widths_plot(before: Mapping[str, int], after: Mapping[str, int], label: str) -> bytes:
+    plt = _pyplot()
+    names = list(before)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 2), 4), constrained_layout=True)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [before[n] for n in names], width=0.4, label="before (dense)")
+    ax.bar([x + 0.2 for x in xs], [after.get(n, 0) for n in names], width=0.4, label=label)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.set_title("per-layer widths", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def _training_curve(epochs: Sequence[Mapping[str, Any]]) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5), constrained_layout=True)
+    xs = [e.get("global_epoch", i) for i, e in enumerate(epochs)]
+    ax.plot(xs, [e.get("test_acc") for e in epochs], label="test accuracy", marker=".")
+    ax.plot(xs, [e.get("train_acc") for e in epochs], label="train accuracy", marker=".", alpha=0.6)
+    ax.set_xlabel("epoch (all phases)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _widths_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, int], dict[str, int], list[dict[str, Any]]]:
+    """Dense and final widths, and one table row per layer with its width after every round."""
+    with_widths = [r for r in rows if isinstance(r.get("widths"), Mapping)]
+    if not with_widths:
+        return {}, {}, []
+    before, after = dict(with_widths[0]["widths"]), dict(with_widths[-1]["widths"])
+    table = []
+    for name, width in before.items():
+        entry: dict[str, Any] = {"layer": name}
+        for r in with_widths:
+            entry[f"round {r.get('round', '?')}"] = r["widths"].get(name)
+        entry["kept %"] = round(100.0 * after.get(name, 0) / width, 1) if width else None
+        table.append(entry)
+    return before, after, table
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_report_sections(results: Mapping[str, Any], *, config: Mapping[str, Any] | None = None,
+                        epochs: Sequence[Mapping[str, Any]] = ()) -> list[tuple[str, str]]:
+    """The sections of a recipe run's report from its ``results.json`` (and ``config.json``, ``epochs.jsonl``).
+
+    Example:
+        >>> sections = run_report_sections({"rows": [{"round": 0, "macs": 1e6, "test_acc": 90.0}]})
+        >>> [heading for heading, _ in sections]
+        ['rounds', 'accuracy against MACs']
+    """
+    rows = list(results.get("rows", []))
+    sections = [("rounds", html_table(rows, [c for c in ROUND_COLUMNS if any(c in r for r in rows)]))]
+    if rows:
+        title = f"{results.get('model', '')} on {results.get('dataset', '')}, method {results.get('method', '')}"
+        sections.append(("accuracy against MACs", png_image(_accuracy_vs_macs(rows, title), alt="accuracy vs MACs")))
+    before, after, table = _widths_rows(rows)
+    if table:
+        last = next(r.get("round") for r in reversed(rows) if isinstance(r.get("widths"), Mapping))
+        sections.append(("per-layer widths before and after",
+                         png_image(_widths_plot(before, after, f"after round {last}"), alt="per-layer widths")
+                         + html_table(table)))
+    if epochs:
+        sections.append(("training", png_image(_training_curve(epochs), alt="training curve")))
+    notes = {k: v for k, v in results.items() if k != "rows"}
+    if notes:
+        sections.append(("run", html_table([{"key": k, "value": v} for k, v in notes.items()])))
+    if config:
+        sections.append(("configuration", html_table([{"option": k, "value": v} for k, v in config.items()])))
+    return sections
+
+
+def write_run_report(run_dir: str | os.PathLike, results: Mapping[str, Any] | None = None) -> Path:
+    """Write ``run_dir/report.html`` for a recipe run (``results`` default: the folder's ``results.json``).
+
+    Example:
+        >>> write_run_report("runs/it-orthoreg")  # doctest: +SKIP
+        PosixPath('runs/it-orthoreg/report.html')
+    """
+    run_dir = Path(run_dir)
+    if results is None:
+        results = json.loads((run_dir / "results.json").read_text())
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    sections = run_report_sections(results, config=config, epochs=_read_json_lines(run_dir / "epochs.jsonl"))
+    state = "complete" if results.get("complete") else "in progress"
+    title = f"{results.get('recipe', 'run')}: {results.get('model', '?')} on {results.get('dataset', '?')}"
+    subtitle = f"method {results.get('method', '?')}, seed {results.get('seed', '?')}, {state}; folder {run_dir}"
+    return _write(run_dir / REPORT_NAME, html_document(title, sections, subtitle=subtitle))
+
+
+# ----------------------------------------------------------------------------------------------- sensitivity
+def sensitivity_sections(result: Any, *, max_loss_delta: float | None = None) -> list[tuple[str, str]]:
+    """The sections of a sensitivity report: summary, figure, groups ranked, per-layer ratios, every row.
+
+    Example:
+        >>> from orthoreg_tp.analyze import SensitivityResult
+        >>> [h for h, _ in sensitivity_sections(SensitivityResult(rows=[], baseline_loss=1.0))][:2]
+        ['summary', 'loss change per group']
+    """
+    from ..analyze.plots import sensitivity_figure_png
+    from ..analyze.result import rows_for_table
+
+    sections = [("summary", f"<pre>{html.escape(result.summary())}</pre>"),
+                ("loss change per group", png_image(sensitivity_figure_png(result), alt="sensitivity")),
+                ("groups, most sensitive first", html_table(
+                    [{**g, "layers": "; ".join(g["layers"])} for g in result.groups()]))]
+    if max_loss_delta is not None:
+        ratios = result.layer_ratios(max_loss_delta=max_loss_delta, by_name=True)
+        sections.append((f"per-layer ratios within a loss change of {max_loss_delta:g}",
+                         html_table([{"root layer": k, "ratio": v} for k, v in ratios.items()])))
+    sections.append(("every group and level", html_table(rows_for_table(result.rows))))
+    return sections
+
+
+def write_sensitivity_report(path: str | os.PathLike, result: Any, *, title: str = "",
+                             context: Mapping[str, Any] | None = None,
+                             max_loss_delta: float | None = None) -> Path:
+    """Write a self-contained sensitivity report (a :class:`~orthoreg_tp.analyze.SensitivityResult`).
+
+    Args:
+        path: The HTML file to write.
+        result: The analysis.
+        title: Page title (default: the model class).
+        context: Facts shown as a table first (model, dataset, checkpoint, command...).
+        max_loss_delta: Also list :meth:`~orthoreg_tp.analyze.SensitivityResult.layer_ratios` for this budget.
+
+    Example:
+        >>> write_sensitivity_report("out/report.html", result, context={"model": "resnet34"})  # doctest: +SKIP
+    """
+    sections = sensitivity_sections(result, max_loss_delta=max_loss_delta)
+    if context:
+        sections.insert(0, ("analysis", html_table([{"key": k, "value": v} for k, v in context.items()])))
+    subtitle = (f"{result.importance} ranking, {result.num_samples} samples, levels "
+                f"{', '.join(f'{v:g}' for v in result.levels)}, {result.seconds:.1f} s")
+    return _write(path, html_document(title or f"sensitivity: {result.model_class}", sections, subtitle=subtitle))
+
+
+def try_write_run_report(run_dir: str | os.PathLike, results: Mapping[str, Any]) -> Path | None:
+    """:func:`write_run_report`, logging a warning instead of failing the run that asked for it.
+
+    Example:
+        >>> try_write_run_report("/proc/no-such-run", {"rows": []}) is None
+        True
+    """
+    try:
+        return write_run_report(run_dir, results)
+    except Exception as err:  # noqa: BLE001 - a report must never stop a training run
+        logger.warning("report.html not written: %s: %s", type(err).__name__, err)
+        return None
