@@ -50,6 +50,7 @@ Private torch-pruning names are used only in the "host internals" section below;
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from numbers import Number
 from typing import Any
@@ -239,6 +240,8 @@ class RobustDependencyGraph(tp.DependencyGraph):
         self._reshape_stride: dict[Any, tuple[int, bool] | None] = {}  # reshape node -> (stride, unflatten)
         self._sized_splits: set[Any] = set()
         self._equal_splits: set[Any] = set()  # splits into equal chunks derived from the width (chunks mirrored)
+        self._groups: dict[tuple[int, Any, tuple[int, ...]], RobustGroup] = {}  # walked at self._groups_generation
+        self._groups_generation = 0
 
     def _refresh_pruning_fn_cache(self) -> None:
         pruners = [p for p in (*self.REGISTERED_PRUNERS.values(), *self.CUSTOMIZED_PRUNERS.values()) if p is not None]
@@ -398,17 +401,33 @@ class RobustDependencyGraph(tp.DependencyGraph):
     def get_pruning_group(self, module: Any, pruning_fn: Callable[..., Any], idxs: Any) -> RobustGroup:
         """The group of layers coupled to ``pruning_fn(module, idxs)`` (same result as the host, convergent).
 
+        A group is walked once per :attr:`generation`: the pruners' passes over all groups (channel counts, the
+        ranking, the step's scoring) get the same group object until a group of this graph is pruned.
+
         Raises:
             ValueError: ``module`` is not in the graph.
             GroupExplosion: The walk grew past :data:`INDEX_BUDGET` entries (wrong index mappings).
         """
+        idxs = [int(i) for i in ([idxs] if isinstance(idxs, Number) else idxs)]
+        if self._groups_generation != self.generation:
+            self._groups.clear()
+            self._groups_generation = self.generation
+        key = (id(module), pruning_fn, tuple(idxs))
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = self._walk_group(module, pruning_fn, idxs)
+        return group
+
+    def _walk_group(self, module: Any, pruning_fn: Callable[..., Any], idxs: list[int]) -> RobustGroup:
+        """Walk the dependencies from ``pruning_fn(module, idxs)`` (each (layer, handler, index) once)."""
         if module not in self.module2node:
             raise ValueError(f"Module {module} is not in the dependency graph.")
         if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
             pruning_fn = function.prune_depthwise_conv_out_channels
-        if isinstance(idxs, Number):
-            idxs = [idxs]
-        idxs = [_helpers._HybridIndex(idx=int(i), root_idx=int(i)) for i in idxs]
+        if len(set(idxs)) != len(idxs):
+            idxs = list(dict.fromkeys(idxs))
+        bound = max(idxs) + 1 if idxs and min(idxs) >= 0 else math.inf
+        idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
         if self._mapped_generation != self.generation:  # refresh offsets only after the model changed
             self.update_index_mapping()
             self._mapped_generation = self.generation
@@ -417,12 +436,14 @@ class RobustDependencyGraph(tp.DependencyGraph):
         root = self.module2node[module]
         root_dep = Dependency(pruning_fn, pruning_fn, source=root, target=root)
         group.add_dep(dep=root_dep, idxs=idxs)
-        propagated: dict[tuple[Any, Any], set[int]] = {(root, pruning_fn): {i.idx for i in idxs}}
+        # (layer, handler) -> indices reached so far: a list while reached once (no copy), a set once revisited
+        propagated: dict[tuple[Any, Any], set[int] | list[Any]] = {(root, pruning_fn): {i.idx for i in idxs}}
         widths: dict[tuple[Any, Any], int] = {}
         total = len(idxs)
-        stack = [(root_dep, idxs)]
+        # every list on the stack holds distinct indices below its bound (the root's are checked on the way)
+        stack = [(root_dep, idxs, bound)]
         while stack:
-            dep, dep_idxs = stack.pop()
+            dep, dep_idxs, bound = stack.pop()
             for new_dep in dep.target.dependencies:
                 if not new_dep.is_triggered_by(dep.handler):
                     continue
@@ -432,39 +453,49 @@ class RobustDependencyGraph(tp.DependencyGraph):
                 if not new_idxs:
                     continue
                 key = (new_dep.target, new_dep.handler)
-                known = propagated.setdefault(key, set())
                 if key not in widths:
                     widths[key] = self._width(new_dep)
                 width = widths[key]
-                fresh = []
-                for i in new_idxs:
-                    if i.idx not in known and 0 <= i.idx < width:
-                        known.add(i.idx)
-                        fresh.append(i)
+                known = propagated.get(key)
+                fresh_bound = bound
+                if known is None and new_idxs is dep_idxs and bound <= width:
+                    fresh = propagated[key] = new_idxs  # an identity edge into a new layer: all indices are new
+                else:
+                    if not isinstance(known, set):
+                        known = propagated[key] = {i.idx for i in known or ()}
+                    fresh = []
+                    for i in new_idxs:
+                        if i.idx not in known and 0 <= i.idx < width:
+                            known.add(i.idx)
+                            fresh.append(i)
+                    fresh_bound = width
                 if fresh:
                     total += len(fresh)
                     if total > INDEX_BUDGET:
                         raise GroupExplosion(module, INDEX_BUDGET)
                     group.add_dep(new_dep, fresh)
-                    stack.append((new_dep, fresh))
+                    stack.append((new_dep, fresh, fresh_bound))
+        return self._merged(group)
 
-        merged_items: dict[tuple[Any, Any], tuple[Any, list, set]] = {}
+    def _merged(self, group: RobustGroup) -> RobustGroup:
+        """One item per (layer, handler), ignored parameters dropped, plain and root indices split.
+
+        The walk adds each (layer, handler, index) once, so the lists of one layer and handler are disjoint.
+        """
+        merged_items: dict[tuple[Any, Any], tuple[Any, list]] = {}
         for dep, dep_idxs in group.items:
             if isinstance(dep.target.module, nn.Parameter) and any(dep.target.module is p for p in self.ignored_params):
                 continue
-            entry = merged_items.setdefault((dep.target, dep.handler), (dep, [], set()))
-            for i in dep_idxs:
-                if i.idx not in entry[2]:
-                    entry[2].add(i.idx)
-                    entry[1].append(i)
+            entry = merged_items.get((dep.target, dep.handler))
+            if entry is None:
+                merged_items[(dep.target, dep.handler)] = (dep, dep_idxs)
+            else:
+                merged_items[(dep.target, dep.handler)] = (entry[0], entry[1] + dep_idxs)
         merged = RobustGroup()
-        for dep, dep_idxs, _ in merged_items.values():
-            merged.add_dep(dep, dep_idxs)
         merged._DG = self
-        for i in range(len(merged)):
-            hybrid = merged[i].idxs
-            merged[i] = _helpers.GroupItem(merged[i].dep, _helpers.to_plain_idxs(hybrid))
-            merged[i].root_idxs = _helpers.to_root_idxs(hybrid)
+        for dep, hybrid in merged_items.values():
+            merged.add_dep(dep, [i.idx for i in hybrid])
+            merged[len(merged) - 1].root_idxs = [i.root_idx for i in hybrid]
         return merged
 
     def _width(self, dep: Any) -> int:

@@ -62,18 +62,32 @@ class StepError(RuntimeError):
 
 
 class _Guarded:
-    """Calls the ranking importance, remembering the group's root and marking the importance's own errors."""
+    """Calls the ranking importance, remembering the group's root and marking the importance's own errors.
+
+    Scores are kept per group object until :meth:`forget`: the ranking and the first attempt share one graph
+    (whose groups are walked once), so the attempt's step reuses the ranking's scores.
+    """
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.current: Any = None
+        self.scores: dict[int, tuple[Any, torch.Tensor | None]] = {}
 
     def __call__(self, group: Any) -> torch.Tensor | None:
         self.current = group[0].dep.target.module
+        known = self.scores.get(id(group))
+        if known is not None and known[0] is group:
+            return known[1]
         try:
-            return self.inner(group)
+            scores = self.inner(group)
         except Exception as exc:
             raise ImportanceFailure(exc) from exc
+        self.scores[id(group)] = (group, scores)
+        return scores
+
+    def forget(self) -> None:
+        """Drop the kept scores (the groups they belong to are stale)."""
+        self.scores.clear()
 
 
 def ranking_importance(importance: Any, cfg: PruneConfig, round_to: int) -> Any:
@@ -149,6 +163,7 @@ class PruneSession:
         self.extra_ignored: list[nn.Module] = []
         self.frozen_classes: dict[type, int] = {}
         self._ranking: Ranking | None = None
+        self._ranked_graph: Any = None  # the ranking's unpruned graph, reused by the next attempt
 
     # ------------------------------------------------------------------ building blocks
     @contextlib.contextmanager
@@ -170,12 +185,15 @@ class PruneSession:
         kwargs.setdefault("forward_fn", lambda m, x: run_model(m, x, unpack=self.unpack))
         return kwargs
 
-    def _build(self, ratio: float, ranking: Ranking | None) -> Any:
-        for p in self.model.parameters():
-            p.requires_grad_(True)  # torch-pruning traces the graph through autograd
+    def _build(self, ratio: float, ranking: Ranking | None, graph: Any = None) -> Any:
+        """A pruner at ``ratio``; on ``graph`` (an unpruned graph of the same arguments) when given, else traced."""
+        if graph is None:
+            self.importance.forget()  # new graph, new groups
+            for p in self.model.parameters():
+                p.requires_grad_(True)  # torch-pruning traces the graph through autograd
         try:
             return make_pruner(self.pruner_class, self.model, self.example_inputs, self.importance,
-                               self._kwargs(ratio, ranking))
+                               self._kwargs(ratio, ranking), graph=graph)
         except ImportanceFailure:
             raise
         except Exception as exc:
@@ -189,6 +207,7 @@ class PruneSession:
             with self._seeded():
                 pruner = self._build(0.0, None)
                 self._ranking = self._rank(pruner)
+                self._ranked_graph = pruner.DG
         return self._ranking
 
     def _rank(self, pruner: Any) -> Ranking:
@@ -212,10 +231,14 @@ class PruneSession:
     def attempt(self, ratio: float) -> Trial:
         """Prune the restored model at ``ratio``, finalize and verify it (raises on any failure)."""
         ranking = self.ranking()
-        restore(self.snap)
+        restore(self.snap)  # same module and parameter objects: the ranking's graph stays valid
+        graph, self._ranked_graph = self._ranked_graph, None
         with self._seeded():
-            pruner = self._build(ratio, ranking)
-            self._step(pruner)
+            pruner = self._build(ratio, ranking, graph=graph if graph is not None and not graph.generation else None)
+            try:
+                self._step(pruner)
+            finally:
+                self.importance.forget()
             channels_after = _compat.prunable_channel_count(pruner)
         history = tuple([str(n), bool(o), [int(i) for i in idxs]] for n, o, idxs in pruner.DG.pruning_history())
         self.spec.finalize(self.model, pruner)
@@ -286,7 +309,7 @@ class PruneSession:
         self.extra_ignored.extend(
             input_producers(self.model, [m for _, m in targets], self.example_inputs, unpack=self.unpack)
         )
-        self._ranking = None  # fewer groups to rank now
+        self._ranking = self._ranked_graph = None  # fewer groups to rank now
 
     # ------------------------------------------------------------------ diagnosis
     def why_nothing(self, ratio: float) -> str:
