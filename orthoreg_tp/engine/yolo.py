@@ -25,6 +25,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import importlib.util
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -184,7 +185,7 @@ def run_yolo(config: YoloConfig) -> dict[str, Any]:
     dense_path = save_yolo_checkpoint(model, out / "dense.pt", task=task, config=config)
     before = _measure(model, config, dense_path, "val_dense", seconds, "validate_before")
     clock = time.perf_counter()
-    importance, used = yolo_importance(model, trainer or _data_trainer(model, config, task), config.importance_batches)
+    importance, used = yolo_importance(model, trainer, config.importance_batches)
     seconds["importance"] = time.perf_counter() - clock
     clock = time.perf_counter()
     report = _prune(model, importance, config)
@@ -211,6 +212,8 @@ def check_inputs(config: YoloConfig) -> None:
         ...
         ValueError: model file not found: 'missing.pt' (--model takes a .pt checkpoint or a model .yaml)
     """
+    if importlib.util.find_spec("ultralytics") is None:
+        raise ValueError('orthoreg-tp yolo needs ultralytics: pip install "orthoreg-tp[yolo]"')
     model = Path(config.model)
     if model.suffix.lower() not in (".pt", ".yaml", ".yml"):
         raise ValueError(f"--model must be a .pt checkpoint or a model .yaml, got {config.model!r}")
@@ -219,10 +222,10 @@ def check_inputs(config: YoloConfig) -> None:
     if not Path(config.data).is_file():
         raise ValueError(f"data file not found: {config.data!r} (--data takes an ultralytics dataset YAML)")
     if config.distill and not distill_supported():
-        import ultralytics
+        from importlib.metadata import version
 
         raise ValueError(f"--distill needs an ultralytics with knowledge distillation (distill_model=); "
-                         f"the installed {ultralytics.__version__} has none")
+                         f"the installed {version('ultralytics')} has none")
 
 
 def distill_supported() -> bool:
@@ -241,25 +244,30 @@ def _overrides(config: YoloConfig, name: str, **more: Any) -> dict[str, Any]:
 def regularized_training(model: nn.Module, config: YoloConfig, task: str) -> tuple[nn.Module, Any]:
     """Train ``config.epochs`` epochs with the OrthoReg trainer; returns (the saved best model, the trainer).
 
-    With ``epochs=0`` returns the model unchanged and no trainer.
+    With ``epochs=0`` no training runs: returns the model and a plain trainer over the data (for its loaders).
+    A model whose class count differs from the data's is rebuilt for the data first, as ultralytics' own
+    training does (its YAML with the data's ``nc``, the matching weights transferred).
     """
-    if config.epochs == 0:
-        return model, None
-    from ..integrations.ultralytics import orthoreg_trainer
+    from ..integrations.ultralytics import orthoreg_trainer, trainer_class
 
-    trainer = orthoreg_trainer(task)(overrides=_overrides(config, "regularize", epochs=config.epochs), model=model,
-                                     coefficient=config.coefficient)
+    if config.epochs == 0:
+        trainer = trainer_class(task)(overrides=_overrides(config, "importance", epochs=1))
+    else:
+        trainer = orthoreg_trainer(task)(overrides=_overrides(config, "regularize", epochs=config.epochs),
+                                         coefficient=config.coefficient)
+    trainer.model = model = match_classes(model, trainer)
+    if config.epochs == 0:
+        return model, trainer
     trainer.train()
     return load_yolo_checkpoint(trainer.best if trainer.best.exists() else trainer.last), trainer
 
 
-def _data_trainer(model: nn.Module, config: YoloConfig, task: str) -> Any:
-    """A plain trainer over the data (its loaders and loss settings) when no training ran."""
-    from ..integrations.ultralytics import trainer_class
-
-    trainer = trainer_class(task)(overrides=_overrides(config, "importance", epochs=1))
-    trainer.model = model
-    return trainer
+def match_classes(model: nn.Module, trainer: Any) -> nn.Module:
+    """``model`` itself when it predicts the data's classes, else ultralytics' rebuild for them (``get_model``)."""
+    nc = (getattr(model, "yaml", None) or {}).get("nc")
+    if nc is None or nc == trainer.data["nc"]:
+        return model
+    return trainer.get_model(cfg=copy.deepcopy(model.yaml), weights=model, verbose=False)
 
 
 def yolo_importance(model: nn.Module, trainer: Any, batches: int) -> tuple[Any, int]:
@@ -296,11 +304,15 @@ def yolo_importance(model: nn.Module, trainer: Any, batches: int) -> tuple[Any, 
 
 def _prune(model: nn.Module, importance: Any, config: YoloConfig) -> Any:
     from ..adapters import prune
+    from ..integrations.ultralytics import sync_split_widths_
 
     example = torch.randn(1, 3, config.imgsz, config.imgsz, device=next(model.parameters()).device)
     if config.target is not None:
-        return prune(model, example, importance=importance, target=config.target)
-    return prune(model, example, importance=importance, ratio=config.prune_percent / 100.0)
+        report = prune(model, example, importance=importance, target=config.target)
+    else:
+        report = prune(model, example, importance=importance, ratio=config.prune_percent / 100.0)
+    sync_split_widths_(model)  # the export path splits C2f blocks by a stored width
+    return report
 
 
 def finetune(model: nn.Module, config: YoloConfig, task: str, *, teacher: Path) -> nn.Module:
