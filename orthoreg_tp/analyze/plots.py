@@ -5,10 +5,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .result import SensitivityResult
+from typing import Any
 
 __all__ = ["plot_sensitivity", "sensitivity_figure_png"]
 
@@ -24,7 +21,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _bars(ax: Any, result: SensitivityResult) -> None:
+def _bars(ax: Any, result: Any) -> None:
     groups = [g for g in result.groups() if g["sensitivity"] is not None][:_MAX_GROUPS][::-1]
     levels = sorted({r["level"] for r in result.rows})
     height = 0.8 / max(len(levels), 1)
@@ -44,7 +41,7 @@ def _bars(ax: Any, result: SensitivityResult) -> None:
     ax.grid(axis="x", alpha=0.3)
 
 
-def _scatter(ax: Any, result: SensitivityResult) -> None:
+def _scatter(ax: Any, result: Any) -> None:
     pairs = [(r["predicted_loss_delta"], r["loss_delta"], r["level"]) for r in result.rows
              if r.get("status") == "ok" and r.get("predicted_loss_delta") is not None
              and r.get("loss_delta") is not None]
@@ -58,7 +55,11 @@ def _scatter(ax: Any, result: SensitivityResult) -> None:
         ys = [p[1] for p in pairs if p[2] == level]
         ax.scatter(xs, ys, s=14, label=f"{100 * level:.0f}% removed")
     top = max(max(abs(p[0]), abs(p[1])) for p in pairs) or 1.0
-    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--", label="measured = predicted")
+    diagonal = [0.0] + [top * 10 ** (k / 8) for k in range(-40, 1)]  # straight on the symlog axes too
+    ax.plot(diagonal, diagonal, color="grey", lw=0.8, ls="--", label="measured = predicted")
+    # symmetric log axes: predicted and measured changes often differ by orders of magnitude, and can be < 0
+    ax.set_xscale("symlog", linthresh=top * 1e-4)
+    ax.set_yscale("symlog", linthresh=top * 1e-4)
     ax.set_xlabel("predicted loss change (0.5 * sum of Fisher scores)")
     ax.set_ylabel("measured loss change")
     ax.set_title("predicted against measured, one point per group and level", fontsize=9)
@@ -66,8 +67,8 @@ def _scatter(ax: Any, result: SensitivityResult) -> None:
     ax.grid(alpha=0.3)
 
 
-def sensitivity_figure_png(result: SensitivityResult, *, dpi: int = 110) -> bytes:
-    """The sensitivity figure as PNG bytes: loss change per group and level, predicted against measured.
+def sensitivity_figure_png(result: Any, *, dpi: int = 110) -> bytes:
+    """A :class:`~orthoreg_tp.analyze.SensitivityResult`'s figure as PNG: loss change per group, predicted vs measured.
 
     Example:
         >>> from orthoreg_tp.analyze import SensitivityResult
@@ -86,7 +87,7 @@ def sensitivity_figure_png(result: SensitivityResult, *, dpi: int = 110) -> byte
     return buffer.getvalue()
 
 
-def plot_sensitivity(result: SensitivityResult, path: str | os.PathLike) -> Path:
+def plot_sensitivity(result: Any, path: str | os.PathLike) -> Path:
     """Write :func:`sensitivity_figure_png` to ``path``; returns it.
 
     Example:
