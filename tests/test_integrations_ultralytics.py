@@ -23,6 +23,7 @@ PIL.Image.open = getattr(_patches, "_image_open", PIL.Image.open)
 from orthoreg_tp.integrations.ultralytics import (  # noqa: E402
     CLIP_NORM,
     orthoreg_trainer,
+    sync_split_widths_,
     trainer_class,
     yolo_regularizer,
 )
@@ -181,3 +182,27 @@ def test_every_task_gets_a_subclass_of_its_ultralytics_trainer(task):
     cls = orthoreg_trainer(task)
     assert issubclass(cls, trainer_class(task)) and cls.__name__ == f"OrthoReg{trainer_class(task).__name__}"
     assert orthoreg_trainer(task) is cls  # made once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_split_widths_follow_the_pruned_first_convolution(cfg):
+    """Ultralytics' export runs C2f-family blocks through forward_split, which splits by the stored width ``c``."""
+    import torch_pruning as tp
+    from orthoreg_tp.adapters import prune
+    from ultralytics.nn.modules.block import C2f
+
+    model = ultralytics.YOLO(cfg).model.eval()
+    prune(model, torch.randn(1, 3, 64, 64), ratio=0.5, importance=tp.importance.MagnitudeImportance())
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, C2f)}
+    stale = sorted(name for name, m in blocks.items() if 2 * m.c != m.cv1.conv.out_channels)
+    assert stale
+    x = torch.randn(1, blocks[stale[0]].cv1.conv.in_channels, 8, 8)
+    with pytest.raises(RuntimeError, match="split"):
+        blocks[stale[0]].forward_split(x)
+    assert sorted(sync_split_widths_(model)) == stale
+    with torch.no_grad():
+        for m in blocks.values():
+            x = torch.randn(1, m.cv1.conv.in_channels, 8, 8)
+            torch.testing.assert_close(m.forward_split(x), m.forward(x))
+    assert sync_split_widths_(model) == []
