@@ -1,0 +1,662 @@
+"""Quality benchmark: accuracy of each pruning criterion at 2x / 4x / 8x fewer MACs, plus early-bird tickets.
+
+The PruningBench protocol on the offline ``chars`` data (issue 16): for each model (a VGG-13-style and a
+CIFAR ResNet-18-style network at CPU widths) and seed,
+
+* **dense**: one plain training (``base``) shared by all criteria; then the plain family (fisher, taylor, l1,
+  bn, random) continues plainly (weight decay 1e-4) and orthoreg continues with its regularizer (weight decay 0)
+  for the same ``ortho`` epochs, so both dense models have had the same budget;
+* **iterative**: per criterion, rounds that each prune (global ranking with the per-layer floor, through
+  ``orthoreg_tp.adapters.prune(..., target=("macs", f))``) to ``dense MACs / s`` for s = 2, 4, 8, then fine-tune
+  the same ``finetune`` epochs; the test accuracy is recorded there. Before the next round every criterion trains
+  ``between`` epochs more: orthoreg with its regularizer (as the method re-regularizes before each estimate),
+  the others plainly;
+* **early-bird tickets** (orthoreg, fisher, bn): a short training (``eb_train``; regularized for orthoreg), one
+  prune by 25 / 50 / 75% of the filters, then the ticket is retrained ``eb_retrain`` epochs; each ticket's MACs
+  are recorded, so tickets can be compared at equal cost.
+
+Every finished run is appended to ``NAME.runs.jsonl`` at once, and dense models are cached, so an interrupted
+run continues where it stopped (runs of another configuration are ignored). The tables (``NAME.md``), all
+records (``NAME.json``) and the plot (``NAME.png``) are rewritten after every task.
+
+    python benchmarks/quality.py --threads 1 --workers 2          # full CPU preset (see PRESETS)
+    python benchmarks/quality.py --quick --output-dir /tmp/quality  # under 15 minutes
+    python benchmarks/quality.py --preset gpu --device cuda --workers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fcntl
+import hashlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import RESULTS, command, machine_line, markdown_table, resolve_device, write_results
+from orthoreg_tp.adapters import PruningError, prune
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from orthoreg_tp import OrthoRegularizer, layer_widths
+from orthoreg_tp.engine.data import build_datasets
+from orthoreg_tp.engine.methods import build_importance, feed_importance_, get_method
+from orthoreg_tp.engine.models import CifarResNet
+from orthoreg_tp.engine.models.vgg import VGG, VGG13_CFG
+from orthoreg_tp.engine.pruning import count_macs_params
+from orthoreg_tp.engine.training import LRSchedule, build_optimizer, evaluate, set_lr, train_one_epoch
+
+logger = logging.getLogger("quality")
+
+METHODS = ("orthoreg", "fisher", "taylor", "l1", "bn", "random")
+EB_METHODS = ("orthoreg", "fisher", "bn")
+MODELS = ("vgg13", "resnet18")
+TOLERANCES = (0.05, 0.15, 0.3)  # lower side of the MACs band: the default first, wider where the MACs jump
+PHASES = ("base", "ortho", "finetune", "between", "eb_train", "eb_retrain")
+
+# Sizing. "full" is fitted to <= 60 minutes on 2 shared CPU cores (2 worker processes, 1 thread each); "quick" to
+# under 15 minutes; "gpu" is the same protocol at 4x the widths and the whole training set (not run on CPU);
+# "smoke" is the test's (seconds, on digits).
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {
+        "eb_models": ["resnet18"],
+        "width": 0.125,  # VGG-13 8..64 channels, ResNet-18 8..64: a 32x32 epoch of 4,000 images in seconds on 1 core
+        "train_images": 4000, "test_images": None,  # a fixed random subset of the training set; the whole test set
+        "seeds": [0, 1, 2], "batch_size": 64, "importance_samples": 1000,
+        "phases": {"base": "0.1:6,0.01:2", "ortho": "0.1:2,0.01:1", "finetune": "0.01:2,0.001:1",
+                   "between": "0.05:1", "eb_train": "0.1:3", "eb_retrain": "0.1:3,0.01:2,0.001:1"},
+    },
+    "quick": {
+        "eb_models": ["resnet18"], "width": 0.125, "train_images": 1500, "test_images": 1000, "seeds": [0],
+        "batch_size": 64, "importance_samples": 500,
+        "phases": {"base": "0.1:4,0.01:1", "ortho": "0.1:1,0.01:1", "finetune": "0.01:1,0.001:1",
+                   "between": "0.05:1", "eb_train": "0.1:2", "eb_retrain": "0.1:2,0.01:1"},
+    },
+    "gpu": {
+        "eb_models": list(MODELS), "width": 0.5, "train_images": None, "test_images": None, "seeds": [0, 1, 2],
+        "batch_size": 128, "importance_samples": 10_000,  # the paper's
+        "phases": {"base": "0.1:30,0.01:10,0.001:5", "ortho": "0.1:8,0.01:2", "finetune": "0.01:8,0.001:2",
+                   "between": "0.05:3", "eb_train": "0.1:10", "eb_retrain": "0.1:20,0.01:10,0.001:5"},
+    },
+    "smoke": {
+        "eb_models": list(MODELS), "width": 0.0625, "train_images": 128, "test_images": 128, "seeds": [0],
+        "batch_size": 64, "importance_samples": 64,
+        "phases": {"base": "0.05:1", "ortho": "0.05:1", "finetune": "0.01:1", "between": "0.01:1",
+                   "eb_train": "0.05:1", "eb_retrain": "0.01:1"},
+    },
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="full", choices=sorted(PRESETS), help="sizing (default: full CPU run)")
+    p.add_argument("--quick", action="store_true", help="shorthand for --preset quick")
+    g = p.add_argument_group("data and models")
+    g.add_argument("--dataset", default="chars", help="an orthoreg_tp.engine.data dataset (default: chars)")
+    g.add_argument("--data-path", default=None)
+    g.add_argument("--image-size", type=int, default=32)
+    g.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    g.add_argument("--width", type=float, default=None, help="channel multiplier of both models (preset)")
+    g.add_argument("--train-images", type=int, default=None, help="training subset size (preset; 0: all)")
+    g.add_argument("--test-images", type=int, default=None, help="test subset size (preset; 0: all)")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    g.add_argument("--speedups", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="MACs speed-ups, rising")
+    g.add_argument("--eb-models", nargs="*", default=None, choices=MODELS,
+                   help="models of the early-bird tickets (preset; the authors' table is a ResNet's)")
+    g.add_argument("--eb-methods", nargs="*", default=list(EB_METHODS), choices=METHODS)
+    g.add_argument("--eb-percents", type=float, nargs="*", default=[25.0, 50.0, 75.0], help="%% filters removed")
+    g.add_argument("--seeds", type=int, nargs="+", default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--importance-samples", type=int, default=None)
+    g.add_argument("--coefficient", type=float, default=1e-2, help="OrthoReg lambda (the paper's VGG/ResNet value)")
+    for phase in PHASES:
+        g.add_argument(f"--{phase.replace('_', '-')}", dest=phase, default=None, metavar="LR:EPOCHS,...",
+                       help=f"schedule of the {phase} phase (preset)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    g.add_argument("--workers", type=int, default=2, help="worker processes (1: run in this process)")
+    g.add_argument("--output-dir", default=str(RESULTS), help="where NAME.{json,md,png,runs.jsonl} go")
+    g.add_argument("--cache-dir", default=None, help="dense-model cache (default: OUTPUT_DIR/.NAME_cache)")
+    g.add_argument("--name", default="quality")
+    g.add_argument("--report-only", action="store_true", help="rewrite the tables from the records; train nothing")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset options from the preset and check them."""
+    if args.quick:
+        args.preset = "quick"
+    preset = PRESETS[args.preset]
+    for key in ("eb_models", "width", "train_images", "test_images", "seeds", "batch_size", "importance_samples"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    for phase in PHASES:
+        setattr(args, phase, str(LRSchedule.parse(getattr(args, phase) or preset["phases"][phase])))
+    if list(args.speedups) != sorted(args.speedups) or any(s <= 1 for s in args.speedups):
+        raise SystemExit(f"--speedups must rise and be > 1, got {args.speedups!r}")
+    if any(not 0 < q < 95 for q in args.eb_percents):
+        raise SystemExit(f"--eb-percents must be in (0, 95), got {args.eb_percents!r}")
+    if args.workers < 1 or args.threads < 1:
+        raise SystemExit(f"--workers and --threads must be >= 1, got {args.workers!r} and {args.threads!r}")
+    return args
+
+
+def config_of(args: argparse.Namespace) -> dict[str, Any]:
+    """What the results depend on (records of another configuration are not reused)."""
+    keys = ("dataset", "data_fingerprint", "image_size", "width", "train_images", "test_images", "batch_size",
+            "importance_samples", "coefficient", "speedups", *PHASES)
+    return {k: getattr(args, k) for k in keys}
+
+
+def config_hash(args: argparse.Namespace) -> str:
+    return hashlib.sha1(json.dumps(config_of(args), sort_keys=True).encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------------------------- models and data
+def build_net(name: str, *, width: float, num_classes: int, in_chans: int = 3) -> nn.Module:
+    """VGG-13 (conv-ReLU-BN, the paper's) or a CIFAR ResNet-18 (BasicBlocks [2, 2, 2, 2]) with scaled widths."""
+    def scale(c: int) -> int:
+        return max(4, round(c * width))
+
+    if name == "vgg13":
+        return VGG(tuple(v if v == "M" else scale(int(v)) for v in VGG13_CFG), num_classes=num_classes,
+                   in_chans=in_chans)
+    if name == "resnet18":
+        return CifarResNet((2, 2, 2, 2), tuple(scale(c) for c in (64, 128, 256, 512)), num_classes=num_classes,
+                           in_chans=in_chans)
+    raise ValueError(f"unknown model, got {name!r}; choose one of {list(MODELS)}")
+
+
+def _subset(dataset: Any, count: int | None, seed: int) -> Dataset:
+    """A fixed random subset (the whole set when ``count`` is 0/None); items keep the set's augmentation."""
+    n = len(dataset)
+    if not count or count >= n:
+        return dataset
+    return Subset(dataset, torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].tolist())
+
+
+def data_fingerprint(args: argparse.Namespace) -> str:
+    """A hash of the data's size, classes and first test images: records made on other data are not reused."""
+    train, test, info = build_datasets(args.dataset, data_path=args.data_path, image_size=args.image_size,
+                                       in_chans=3)
+    digest = hashlib.sha1(f"{len(train)} {len(test)} {info.num_classes}".encode())
+    for i in range(min(32, len(test))):
+        x, y = test[i]
+        digest.update(torch.as_tensor(x).numpy().tobytes() + str(int(y)).encode())
+    return digest.hexdigest()[:10]
+
+
+def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
+    train, test, info = build_datasets(args.dataset, data_path=args.data_path, image_size=args.image_size,
+                                       in_chans=3)
+    return _subset(train, args.train_images, 1234), _subset(test, args.test_images, 4321), info.num_classes
+
+
+class Bench:
+    """Data, loaders and training helpers of one worker."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.train_set, self.test_set, self.num_classes = load_data(args)
+        self.test_loader = DataLoader(self.test_set, batch_size=512)
+        self.score_loader = DataLoader(self.train_set, batch_size=128)
+        self.example = self.train_set[0][0].unsqueeze(0).to(self.device)
+
+    def new_model(self, name: str, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_net(name, width=self.args.width, num_classes=self.num_classes).to(self.device)
+
+    def train(self, model: nn.Module, phase: str, *, seed: int, regularized: bool = False) -> None:
+        """Train one phase (SGD, momentum 0.9; weight decay 1e-4, or 0 with the OrthoReg regularizer)."""
+        schedule = LRSchedule.parse(getattr(self.args, phase))
+        reg = OrthoRegularizer(model, self.args.coefficient) if regularized else None
+        optimizer = build_optimizer(model, lr=schedule.lrs[0], regularized=regularized)
+        gen = torch.Generator().manual_seed(seed)
+        loader = DataLoader(self.train_set, batch_size=self.args.batch_size, shuffle=True, generator=gen)
+        for epoch in range(schedule.total_epochs):
+            set_lr(optimizer, schedule.lr_at(epoch))
+            train_one_epoch(model, loader, optimizer, device=self.device, regularizer=reg, progress=False)
+
+    def accuracy(self, model: nn.Module) -> float:
+        return evaluate(model, self.test_loader, device=self.device)["acc"]
+
+    def cost(self, model: nn.Module) -> tuple[int, int]:
+        macs, params = count_macs_params(model, self.example)
+        return int(macs), int(params)
+
+    def prune_step(self, model: nn.Module, method_name: str, importance: Any, *, seed: int,
+                   macs_fraction: float | None = None, ratio: float | None = None) -> float:
+        """Feed the importance, prune in place (the one pruning path); return the channels removed."""
+        method = get_method(method_name)
+        feed_importance_(method, importance, model, self.score_loader, num_samples=self.args.importance_samples,
+                         progress=False)
+        if macs_fraction is None:
+            report = prune(model, self.example, importance=importance, ratio=ratio, seed=seed)
+        else:
+            report = self._prune_to_budget(model, importance, macs_fraction, seed=seed)
+        model.zero_grad(set_to_none=True)
+        return float(report.channels_removed)
+
+    def _prune_to_budget(self, model: nn.Module, importance: Any, fraction: float, *, seed: int) -> Any:
+        """Keep at most ``fraction`` of the MACs. Where the kept MACs jump past the default 5% band (a whole
+        layer's tied scores), widen the band's lower side step by step; the achieved MACs are recorded."""
+        for tolerance in TOLERANCES:
+            try:
+                return prune(model, self.example, importance=importance, target=("macs", fraction), seed=seed,
+                             tolerance=tolerance)
+            except PruningError as err:
+                if tolerance == TOLERANCES[-1] or "no ratio lands in the band" not in str(err):
+                    raise
+                logger.info("budget %.3f not reachable within %.0f%%, widening: %s", fraction, 100 * tolerance,
+                            str(err).splitlines()[0][:200])
+        raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------- records
+class Records:
+    """The append-only run records (``NAME.runs.jsonl``): one JSON line per finished run, written under a lock."""
+
+    def __init__(self, path: Path, config_hash: str):
+        self.path, self.hash = path, config_hash
+
+    def load(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if r.get("config_hash") == self.hash]
+
+    def done(self) -> set[str]:
+        return {r["key"] for r in self.load()}
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({**record, "config_hash": self.hash}) + "\n"
+        with open(self.path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(line)
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_key(kind: str, model: str, seed: int, method: str = "", extra: str = "") -> str:
+    return "/".join(str(p) for p in (kind, model, seed, method, extra) if p != "")
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def cached_model(bench: Bench, cache: Path, name: str, tag: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """The dense-architecture model ``tag`` from the cache, or ``build()`` it and cache its state dict."""
+    path = cache / f"{tag}.pt"
+    if path.exists():
+        model = bench.new_model(name, 0)
+        model.load_state_dict(torch.load(path, map_location=bench.device, weights_only=True))
+        return model
+    model = build()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return model
+
+
+def trained(bench: Bench, start: nn.Module, phase: str, *, seed: int, regularized: bool = False) -> nn.Module:
+    model = copy.deepcopy(start)
+    bench.train(model, phase, seed=seed, regularized=regularized)
+    return model
+
+
+def dense_models(bench: Bench, records: Records, cache: Path, name: str, seed: int) -> dict[str, nn.Module]:
+    """Shared base training, then the same epochs plainly (plain family) or regularized (orthoreg); recorded."""
+    base = cached_model(bench, cache, name, f"{name}-s{seed}-base",
+                        lambda: trained(bench, bench.new_model(name, seed), "base", seed=seed))
+    models = {family: cached_model(bench, cache, name, f"{name}-s{seed}-{family}",
+                                   lambda r=(family == "orthoreg"): trained(bench, base, "ortho", seed=seed + 1,
+                                                                             regularized=r))
+              for family in ("plain", "orthoreg")}
+    done = records.done()
+    for family, model in models.items():
+        key = run_key("dense", name, seed, family)
+        if key not in done:
+            macs, params = bench.cost(model)
+            records.add({"key": key, "kind": "dense", "model": name, "seed": seed, "family": family,
+                         "accuracy": bench.accuracy(model), "macs": macs, "params": params})
+    return models
+
+
+def run_iterative(bench: Bench, dense: nn.Module, method_name: str, *, seed: int) -> dict[str, Any]:
+    """Rounds to each speed-up: (between-training,) prune to the MACs budget, fine-tune, record the accuracy."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(dense)
+    method = get_method(method_name)
+    importance = build_importance(method, layer_widths(model), seed=seed)
+    dense_macs, dense_params = bench.cost(model)
+    rounds: list[dict[str, Any]] = []
+    for k, speedup in enumerate(bench.args.speedups, 1):
+        if k > 1:  # orthoreg re-regularizes before every estimate; the others train the same epochs plainly
+            bench.train(model, "between", seed=seed * 100 + k, regularized=method.regularized)
+        current = bench.cost(model)[0]
+        row: dict[str, Any] = {"target_speedup": speedup}
+        try:
+            row["channels_removed"] = bench.prune_step(model, method_name, importance, seed=seed * 100 + k,
+                                                       macs_fraction=min(1.0, dense_macs / speedup / current))
+        except PruningError as err:
+            rounds.append({**row, "error": f"{type(err).__name__}: {err}"})
+            logger.warning("%s seed %d: %gx failed: %s", method_name, seed, speedup, err)
+            break
+        row["acc_pruned"] = bench.accuracy(model)
+        bench.train(model, "finetune", seed=seed * 100 + k)
+        macs, params = bench.cost(model)
+        rounds.append({**row, "macs": macs, "params": params, "speedup": dense_macs / macs,
+                       "accuracy": bench.accuracy(model)})
+    return {"dense_macs": dense_macs, "dense_params": dense_params, "rounds": rounds}
+
+
+def iterative_task(bench: Bench, records: Records, cache: Path, name: str, seed: int) -> None:
+    todo = [m for m in bench.args.methods if run_key("iterative", name, seed, m) not in records.done()]
+    if not todo:
+        return
+    dense = dense_models(bench, records, cache, name, seed)
+    for method_name in todo:
+        start = time.perf_counter()
+        family = "orthoreg" if get_method(method_name).regularized else "plain"
+        result = run_iterative(bench, dense[family], method_name, seed=seed)
+        records.add({"key": run_key("iterative", name, seed, method_name), "kind": "iterative", "model": name,
+                     "seed": seed, "method": method_name, **result, "seconds": time.perf_counter() - start})
+        logger.info("%s seed %d %s: %s (%.0f s)", name, seed, method_name, ", ".join(
+            f"{r['target_speedup']:g}x {r.get('accuracy', float('nan')):.1f}%" for r in result["rounds"]),
+            time.perf_counter() - start)
+
+
+def run_ticket(bench: Bench, short: nn.Module, method_name: str, percent: float, *, seed: int) -> dict[str, Any]:
+    """One early-bird ticket: prune the short-trained model once by ``percent`` of the filters, retrain it."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(short)
+    dense_macs, dense_params = bench.cost(model)
+    importance = build_importance(get_method(method_name), layer_widths(model), seed=seed)
+    out: dict[str, Any] = {"percent": percent, "dense_macs": dense_macs, "dense_params": dense_params,
+                           "short_acc": bench.accuracy(model)}
+    try:
+        out["channels_removed"] = bench.prune_step(model, method_name, importance, seed=seed, ratio=percent / 100)
+    except PruningError as err:
+        return {**out, "error": f"{type(err).__name__}: {err}"}
+    out["acc_pruned"] = bench.accuracy(model)
+    bench.train(model, "eb_retrain", seed=seed + 7)
+    macs, params = bench.cost(model)
+    return {**out, "macs": macs, "params": params, "speedup": dense_macs / macs, "accuracy": bench.accuracy(model)}
+
+
+def earlybird_task(bench: Bench, records: Records, cache: Path, name: str, seed: int) -> None:
+    done = records.done()
+    todo = [(m, q) for m in bench.args.eb_methods for q in bench.args.eb_percents
+            if run_key("earlybird", name, seed, m, f"{q:g}") not in done]
+    shorts: dict[bool, nn.Module] = {}
+    for method_name, percent in todo:
+        regularized = get_method(method_name).regularized
+        if regularized not in shorts:  # short training, shared by the plain criteria (fisher, bn)
+            tag = f"{name}-s{seed}-eb{'orthoreg' if regularized else 'plain'}"
+            shorts[regularized] = cached_model(bench, cache, name, tag, lambda r=regularized: trained(
+                bench, bench.new_model(name, seed), "eb_train", seed=seed, regularized=r))
+        start = time.perf_counter()
+        result = run_ticket(bench, shorts[regularized], method_name, percent, seed=seed)
+        records.add({"key": run_key("earlybird", name, seed, method_name, f"{percent:g}"), "kind": "earlybird",
+                     "model": name, "seed": seed, "method": method_name, **result,
+                     "seconds": time.perf_counter() - start})
+        logger.info("%s seed %d early-bird %s %g%%: %.1f%% at %.2fx MACs (%.0f s)", name, seed, method_name, percent,
+                    result.get("accuracy", float("nan")), result.get("speedup", float("nan")),
+                    time.perf_counter() - start)
+
+
+def run_task(task: tuple[str, str, int], args: argparse.Namespace) -> str:
+    """One worker task: ``("iterative" | "earlybird", model, seed)``; its finished runs land in the records."""
+    torch.set_num_threads(args.threads)
+    kind, name, seed = task
+    start = time.perf_counter()
+    bench = Bench(args)
+    records = Records(records_path(args), config_hash(args))
+    (iterative_task if kind == "iterative" else earlybird_task)(bench, records, cache_dir(args), name, seed)
+    return f"{kind} {name} seed {seed} done in {time.perf_counter() - start:.0f} s"
+
+
+def records_path(args: argparse.Namespace) -> Path:
+    return Path(args.output_dir) / f"{args.name}.runs.jsonl"
+
+
+def cache_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir or Path(args.output_dir) / f".{args.name}_cache") / config_hash(args)
+
+
+def expected_keys(args: argparse.Namespace) -> list[str]:
+    keys = []
+    for name in args.models:
+        for seed in args.seeds:
+            keys += [run_key("iterative", name, seed, m) for m in args.methods]
+            if name in args.eb_models:
+                keys += [run_key("earlybird", name, seed, m, f"{q:g}") for m in args.eb_methods
+                         for q in args.eb_percents]
+    return keys
+
+
+def tasks_of(args: argparse.Namespace, done: set[str]) -> list[tuple[str, str, int]]:
+    """Unfinished tasks, the costliest (ResNet, iterative) first so two workers end together."""
+    tasks = []
+    for name in sorted(args.models, key=lambda n: n != "resnet18"):
+        for kind in ("iterative", "earlybird"):
+            for seed in args.seeds:
+                prefix = run_key(kind, name, seed) + "/"
+                if any(k.startswith(prefix) and k not in done for k in expected_keys(args)):
+                    tasks.append((kind, name, seed))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- report
+def flat_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per dense model, per iterative round and per ticket (method, model, seed, target, MACs, accuracy)."""
+    rows = []
+    for r in records:
+        common = {k: r.get(k) for k in ("kind", "model", "seed", "method")}
+        if r["kind"] == "dense":
+            rows.append({**common, "family": r["family"], "target_speedup": 1.0, "speedup": 1.0, "macs": r["macs"],
+                         "params": r["params"], "accuracy": r["accuracy"]})
+        elif r["kind"] == "iterative":
+            rows += [{**common, **rnd} for rnd in r["rounds"]]
+        else:
+            rows.append({**common, **{k: v for k, v in r.items() if k not in ("key", "config_hash", *common)}})
+    return rows
+
+
+def mean_std(values: Sequence[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {std:.1f}" + (f" (n={len(values)})" if len(values) != 3 else "")
+
+
+def _pick(rows: Sequence[Mapping[str, Any]], **match: Any) -> list[Mapping[str, Any]]:
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items()) and r.get("accuracy") is not None]
+
+
+def iterative_table(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace, name: str) -> str:
+    header = ["method", "dense acc %"] + [f"{s:g}x acc % (achieved)" for s in args.speedups]
+    body = []
+    for method in args.methods:
+        family = "orthoreg" if get_method(method).regularized else "plain"
+        line = [method, mean_std([r["accuracy"] for r in _pick(rows, kind="dense", model=name, family=family)])]
+        for s in args.speedups:
+            got = _pick(rows, kind="iterative", model=name, method=method, target_speedup=s)
+            achieved = f" ({statistics.mean(r['speedup'] for r in got):.2f}x)" if got else ""
+            line.append(mean_std([r["accuracy"] for r in got]) + achieved)
+        body.append(line)
+    return markdown_table(header, body)
+
+
+def earlybird_table(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace, name: str) -> str:
+    header = ["method", "short-trained acc %"] + [f"{q:g}% filters: acc % (MACs speed-up)" for q in args.eb_percents]
+    body = []
+    for method in args.eb_methods:
+        got_all = _pick(rows, kind="earlybird", model=name, method=method)
+        short = {r["seed"]: r["short_acc"] for r in got_all}
+        line = [method, mean_std(list(short.values()))]
+        for q in args.eb_percents:
+            got = [r for r in got_all if r["percent"] == q]
+            speed = f" ({statistics.mean(r['speedup'] for r in got):.2f}x)" if got else ""
+            line.append(mean_std([r["accuracy"] for r in got]) + speed)
+        body.append(line)
+    return markdown_table(header, body)
+
+
+def orthoreg_gaps(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Per model and speed-up: the best criterion by mean accuracy, and orthoreg's rank and gap to it."""
+    lines = []
+    for name in args.models:
+        for s in args.speedups:
+            means = {m: statistics.mean(r["accuracy"] for r in got) for m in args.methods
+                     if (got := _pick(rows, kind="iterative", model=name, method=m, target_speedup=s))}
+            if "orthoreg" not in means or len(means) < 2:
+                continue
+            ranking = sorted(means, key=means.get, reverse=True)
+            best = ranking[0]
+            lines.append(f"- {name} {s:g}x: best {best} {means[best]:.1f}%; orthoreg {means['orthoreg']:.1f}% "
+                         f"(rank {ranking.index('orthoreg') + 1}/{len(ranking)}, "
+                         f"{means['orthoreg'] - means[best]:+.1f} points)")
+    return lines
+
+
+def plot(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace, path: Path) -> None:
+    """Accuracy against MACs per method (iterative rounds on top, early-bird tickets below), one column per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(args.models), figsize=(6 * len(args.models), 9), squeeze=False)
+    for col, name in enumerate(args.models):
+        for row_i, (kind, methods, key) in enumerate((("iterative", args.methods, "target_speedup"),
+                                                      ("earlybird", args.eb_methods, "percent"))):
+            ax = axes[row_i][col]
+            for method in methods:
+                got = _pick(rows, kind=kind, model=name, method=method)
+                levels = sorted({r[key] for r in got})
+                pts = [[r for r in got if r[key] == v] for v in levels]
+                xs = [statistics.mean(r["macs"] / 1e6 for r in p) for p in pts]
+                ys = [statistics.mean(r["accuracy"] for r in p) for p in pts]
+                es = [statistics.stdev([r["accuracy"] for r in p]) if len(p) > 1 else 0.0 for p in pts]
+                if xs:
+                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+            dense = _pick(rows, kind="dense", model=name, family="plain")
+            if dense:
+                ax.axhline(statistics.mean(r["accuracy"] for r in dense), color="gray", ls="--", lw=1,
+                           label="dense (plain)")
+            ax.set_xscale("log")
+            ax.set_xlabel("MACs (M, per 32x32 image)")
+            ax.set_ylabel("test accuracy %")
+            what = "iterative to " + "/".join(f"{s:g}x" for s in args.speedups) if kind == "iterative" else \
+                "early-bird tickets " + "/".join(f"{q:g}%" for q in args.eb_percents)
+            ax.set_title(f"{name}: {what}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"quality benchmark on {args.dataset} (mean ± std over seeds {args.seeds})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(args: argparse.Namespace, records: Records, wall: float) -> bool:
+    """Rewrite NAME.json / NAME.md / NAME.png from the records; return whether every expected run is there."""
+    recs = records.load()
+    rows = flat_rows(recs)
+    done = {r["key"] for r in recs}
+    missing = [k for k in expected_keys(args) if k not in done]
+    complete = not missing
+    compute = sum(r.get("seconds", 0.0) for r in recs)
+    status = "complete" if complete else f"PARTIAL: {len(expected_keys(args)) - len(missing)} of " \
+                                         f"{len(expected_keys(args))} runs finished"
+    sections = [f"### Quality benchmark ({args.dataset}, {args.image_size}x{args.image_size}, preset "
+                f"`{args.preset}`) -- {status}",
+                describe(args)]
+    for name in args.models:
+        sections += [f"#### {name}: iterative pruning to MACs speed-ups (test accuracy %, mean ± std over seeds)",
+                     iterative_table(rows, args, name)]
+        if name in args.eb_models:
+            sections += [f"#### {name}: early-bird tickets (test accuracy % after retraining; ticket MACs "
+                         "speed-up)", earlybird_table(rows, args, name)]
+    gaps = orthoreg_gaps(rows, args)
+    if gaps:
+        sections += ["#### Where orthoreg stands (mean accuracy)", "\n".join(gaps)]
+    sections.append(f"Command: `{command()}`  \nMachine: {machine_line()}.  \nWall time of this invocation "
+                    f"{wall / 60:.1f} min; the runs' own times sum to {compute / 60:.1f} min (over "
+                    f"{args.workers} worker process(es), {args.threads} thread(s) each; dense and short trainings "
+                    "not included).")
+    payload = {"status": "complete" if complete else "partial", "missing": missing, "preset": args.preset,
+               "config": {**config_of(args), "models": args.models, "eb_models": args.eb_models,
+                          "methods": args.methods, "seeds": args.seeds,
+                          "eb_methods": args.eb_methods, "eb_percents": args.eb_percents, "workers": args.workers,
+                          "threads": args.threads},
+               "config_hash": records.hash, "wall_seconds": wall, "run_seconds": compute, "runs": rows}
+    out = Path(args.output_dir)
+    write_results(args.name, payload, "\n\n".join(sections), out)
+    if rows:
+        plot(rows, args, out / f"{args.name}.png")
+    return complete
+
+
+def describe(args: argparse.Namespace) -> str:
+    n_train = args.train_images or "all"
+    n_test = args.test_images or "all"
+    return (f"Models: VGG-13 (conv-ReLU-BN) and CIFAR ResNet-18 (BasicBlocks [2, 2, 2, 2]) at width x{args.width:g}; "
+            f"{n_train} training images (a fixed random subset), {n_test} test images; seeds {args.seeds}; SGD "
+            f"momentum 0.9, batch {args.batch_size}, weight decay 1e-4 (0 with the regularizer, lambda "
+            f"{args.coefficient:g}). Dense: `base` {args.base} shared, then `ortho` {args.ortho} plainly (fisher, "
+            f"taylor, l1, bn, random share this model per seed) or regularized (orthoreg). Iterative: per round a "
+            f"MACs budget (dense / s), global ranking with the per-layer floor, fine-tune `{args.finetune}`, "
+            f"accuracy recorded; `{args.between}` more before the next round (regularized for orthoreg). Importance "
+            f"from {args.importance_samples} training samples. Early-bird: `{args.eb_train}` (regularized for "
+            f"orthoreg; fisher and bn share the plain one), one prune by % of filters, ticket retrained "
+            f"`{args.eb_retrain}`. n = seeds per cell (3 unless shown).")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> bool:
+    """Run every unfinished task (in ``--workers`` processes), then write the report; return completeness."""
+    args = resolve(args)
+    torch.set_num_threads(args.threads)
+    args.data_fingerprint = data_fingerprint(args)
+    start = time.perf_counter()
+    records = Records(records_path(args), config_hash(args))
+    logger.info("quality: preset %s, config %s, records %s", args.preset, records.hash, records.path)
+    if not args.report_only:
+        tasks = tasks_of(args, records.done())
+        logger.info("%d tasks to run: %s", len(tasks), tasks)
+        if args.workers == 1:
+            for task in tasks:
+                logger.info(run_task(task, args))
+                write_report(args, records, time.perf_counter() - start)
+        else:
+            import multiprocessing as mp
+            from functools import partial
+
+            with mp.get_context("spawn").Pool(min(args.workers, max(1, len(tasks))),
+                                               initializer=_init_worker) as pool:
+                for message in pool.imap_unordered(partial(run_task, args=args), tasks):
+                    logger.info(message)
+                    write_report(args, records, time.perf_counter() - start)
+    complete = write_report(args, records, time.perf_counter() - start)
+    print((Path(args.output_dir) / f"{args.name}.md").read_text())
+    return complete
+
+
+def _init_worker() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
+    raise SystemExit(0 if main(get_args_parser().parse_args()) else 1)
