@@ -55,6 +55,7 @@ from .distributed import (
     wrap_ddp,
 )
 from .export import ModelSpec, save_pruned
+from .html_report import try_write_run_report
 from .interrupts import RunInterrupted, stop_on_signals
 from .methods import build_importance, feed_importance_, get_method
 from .models import build_model
@@ -426,6 +427,7 @@ class Experiment:
             self.record.write_results(results)
             plot_results([(cfg.method, self.state["rows"])], self.record.plot_path,
                          title=f"{cfg.recipe}: {cfg.model} on {cfg.dataset}")
+            try_write_run_report(self.record.dir, results)  # report.html: tables and embedded plots
         return results
 
     def _checkpoint(self, optimizer: torch.optim.Optimizer | None) -> None:
