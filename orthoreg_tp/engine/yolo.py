@@ -67,6 +67,7 @@ class YoloConfig:
     device: str = "cpu"
     distill: bool = False  # fine-tune with ultralytics' distillation from the dense model
     finetune_optimizer: str = "auto"  # ultralytics' choice for the fine-tuning phase
+    seed: int = 0  # a .yaml model's random weights and ultralytics' trainers (seed=)
     output_dir: str = "runs/yolo"
 
     def __post_init__(self) -> None:
@@ -142,6 +143,7 @@ def yolo_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
                         help="fine-tune with ultralytics' distillation from the dense model (distill_model=)")
     parser.add_argument("--finetune-optimizer", default=d.finetune_optimizer,
                         help="ultralytics' optimizer for fine-tuning (auto, SGD, AdamW, ...)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="random weights of a .yaml model; trainers' seed")
     parser.add_argument("--output-dir", default=d.output_dir)
     parser.set_defaults(handler=run_yolo_args)
     return parser
@@ -174,6 +176,7 @@ def run_yolo(config: YoloConfig) -> dict[str, Any]:
 
     atomic_write_json(out / "config.json", config.to_dict())
     seconds: dict[str, float] = {}
+    torch.manual_seed(config.seed)  # a .yaml model starts from random weights
     try:
         yolo = ultralytics.YOLO(config.model)
     except FileNotFoundError as err:
@@ -238,7 +241,7 @@ def distill_supported() -> bool:
 def _overrides(config: YoloConfig, name: str, **more: Any) -> dict[str, Any]:
     return dict(model=str(config.model), data=str(config.data), imgsz=config.imgsz, batch=config.batch,
                 workers=config.workers, device=config.device, plots=False,
-                project=str(Path(config.output_dir).resolve()), name=name, exist_ok=True, **more)
+                project=str(Path(config.output_dir).resolve()), name=name, exist_ok=True, seed=config.seed, **more)
 
 
 def regularized_training(model: nn.Module, config: YoloConfig, task: str) -> tuple[nn.Module, Any]:
