@@ -62,7 +62,8 @@ Net, Images = _ns["Net"], _ns["Images"]
 
 def _args(out, **kw):
     base = dict(output_dir=str(out), per_device_train_batch_size=16, num_train_epochs=2, learning_rate=0.05,
-                optim="sgd", lr_scheduler_type="linear", save_strategy="no", report_to=[], use_cpu=True,
+                optim="sgd", optim_args="momentum=0.9", lr_scheduler_type="constant", save_strategy="no",
+                report_to=[], use_cpu=True,
                 logging_strategy="no", disable_tqdm=True, seed=0, max_grad_norm=1.0, remove_unused_columns=False)
     base.update(kw)
     return transformers.TrainingArguments(**base)
@@ -82,7 +83,7 @@ def _train(out, callbacks, **kw):
 def test_regularizer_raises_orthonormality(tmp_path):
     plain, _ = _train(tmp_path / "a", [OrthoRegCallback(coefficient=0.0)], num_train_epochs=3)
     reg, _ = _train(tmp_path / "b", [OrthoRegCallback(coefficient=1e-2)], num_train_epochs=3)
-    assert mean_orthonormality(reg.net) > mean_orthonormality(plain.net) + 0.02
+    assert mean_orthonormality(reg.net) > mean_orthonormality(plain.net) + 0.02  # measured: 0.633 vs 0.550
 
 
 class _Probe(transformers.TrainerCallback):
@@ -106,9 +107,9 @@ def test_prune_mid_training_keeps_training_and_checkpoints_reload(tmp_path):
     assert trainer.lr_scheduler.optimizer is trainer.optimizer.optimizer or trainer.lr_scheduler.optimizer is \
         trainer.optimizer
 
-    assert pruning_history(tmp_path / "checkpoint-4") == []  # saved before the prune ran
     ckpt = tmp_path / "checkpoint-8"
-    assert pruning_history(ckpt) == [list(h) for h in cb.report.history]
+    for step in (4, 8):  # the end-of-epoch save of the pruning epoch comes after the prune
+        assert pruning_history(tmp_path / f"checkpoint-{step}") == [list(h) for h in cb.report.history]
     fresh = load_pruned_checkpoint(Net(), ckpt, X)
     torch.testing.assert_close(fresh.eval()(**X)["logits"], model.eval()(**X)["logits"])
 
