@@ -75,8 +75,9 @@ _NORMALIZER_HOST = tp.importance.GroupMagnitudeImportance(normalizer=None)
 def prunable_channel_count(pruner: Any) -> int:
     """Total prunable channels of a pruner's model, counted exactly as torch-pruning's global ranking does.
 
-    The sum over all groups of the root width divided by its channel groups (attention groups re-rooted as
-    the pruner does). Comparing this number before and after ``pruner.step()`` gives the achieved ratio.
+    The sum over all groups of the root width (output or input channels, as the root prunes) divided by its
+    channel groups (attention groups re-rooted as the pruner does). Comparing this number before and after
+    ``pruner.step()`` gives the achieved ratio.
     """
     total = 0
     graph = pruner.DG
@@ -86,7 +87,7 @@ def prunable_channel_count(pruner: Any) -> int:
             group = pruner._downstream_node_as_root_if_attention(group)
             if group is None:
                 continue
-        total += graph.get_out_channels(group[0][0].target.module) // pruner._get_channel_groups(group)
+        total += (current_width(group) or 0) // pruner._get_channel_groups(group)  # input roots too
     return total
 
 

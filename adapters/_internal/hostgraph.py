@@ -37,6 +37,12 @@ runs unchanged. The host bugs it works around, each reproduced in ``tests/test_a
 - **GroupNorm without bias**: ``GroupNormPruner`` prunes ``layer.bias`` unconditionally; timm's
   ``GroupNorm1NoBias`` (PoolFormerV2) sets it to ``None``. The graph's groups give such a layer a placeholder
   bias while it is pruned.
+- **channel-multiplier depthwise convs**: a conv with ``groups == in_channels`` and ``out_channels = m *
+  in_channels`` (PiT's pooling, FastViT's patch embedding) is a plain grouped conv to the host: input and output
+  channels are not coupled, pruning its inputs breaks the layer (``ConvPruner`` slices the one input weight
+  column) and the importances index a one-column weight with input indices (``IndexError``). Here input channel
+  ``c`` is coupled with output channels ``c*m .. c*m+m-1`` (:class:`ChannelMultiplierConvPruner`, its input
+  pruning also lowers ``groups``); the importances score such a layer by its output channels.
 - **group walk**: ``get_pruning_group`` re-adds a dependency whenever it arrives with a different index list,
   with a linear membership scan: on graphs with many coupled paths (HaloNet, NFNet, RexNet, FocalNet) the walk
   takes minutes or never ends. Here each (layer, handler, index) is propagated once, indices beyond a layer's
@@ -81,7 +87,8 @@ _HOST_UPDATERS = {
     "expand": index_mapping.update_expand_index_mapping,
 }
 
-__all__ = ["INDEX_BUDGET", "GroupExplosion", "RobustDependencyGraph", "RobustGroup"]
+__all__ = ["INDEX_BUDGET", "BlockMapping", "ChannelMultiplierConvPruner", "GroupExplosion", "RobustDependencyGraph",
+           "RobustGroup", "is_channel_multiplier_conv"]
 
 #: Most (layer, index) entries one group walk may collect before :class:`GroupExplosion` is raised.
 INDEX_BUDGET = 1_000_000
@@ -140,6 +147,69 @@ class ChunkMirrorMapping:
             out.extend(_helpers._HybridIndex(idx=base + k * self.step, root_idx=i.root_idx)
                        for k in range(self.n_chunks))
         return out
+
+
+def is_channel_multiplier_conv(module: Any) -> bool:
+    """Whether ``module`` is a depthwise conv with a channel multiplier (``groups == in_channels``, ``m > 1``).
+
+    Example:
+        >>> is_channel_multiplier_conv(nn.Conv2d(8, 16, 3, groups=8)), is_channel_multiplier_conv(nn.Conv2d(8, 8, 3))
+        (True, False)
+    """
+    return (
+        isinstance(module, ops.TORCH_CONV)
+        and not module.transposed
+        and 1 < module.groups == module.in_channels < module.out_channels
+        and module.out_channels % module.groups == 0
+    )
+
+
+class ChannelMultiplierConvPruner(function.ConvPruner):
+    """The pruner of channel-multiplier depthwise convs: input channel ``c`` owns outputs ``c*m .. c*m+m-1``.
+
+    Output pruning is the host's ``tp.prune_conv_out_channels`` (the same function, so importances score the
+    layer's filters as usual); input pruning lowers ``in_channels`` and ``groups`` (each group keeps its one
+    weight column) and is unknown to the importances, which therefore never index the one-column weight with
+    input indices. The graph couples both directions block-wise (:class:`BlockMapping`) where a conv/linear
+    layer produces the input, so a group removes whole blocks and the layer stays consistent; such a layer has
+    no channel groups. Any other (fed by the model's input) keeps the host's channel groups (``groups``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prune_out_channels = function.prune_conv_out_channels  # type: ignore[method-assign]
+        self.coupled: set[int] = set()  # ids of the layers the graph coupled (the others keep channel groups)
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+        """Drop input channels (and as many groups); their output blocks are pruned by the coupled output item."""
+        removed = len({int(i) for i in idxs})
+        layer.in_channels -= removed
+        layer.groups -= removed
+        return layer
+
+    def get_in_channel_groups(self, layer: nn.Module) -> int:  # noqa: D102 - the host's protocol
+        return 1 if id(layer) in self.coupled else layer.groups
+
+    def get_out_channel_groups(self, layer: nn.Module) -> int:  # noqa: D102 - the host's protocol
+        return 1 if id(layer) in self.coupled else layer.groups
+
+
+class BlockMapping:
+    """Index mapping inside a channel-multiplier conv: input ``c`` <-> outputs ``c*m .. c*m+m-1``.
+
+    Args:
+        multiplier: ``m``, output channels per input channel.
+        expand: Map input channels to their output blocks (else output channels to their input channel).
+    """
+
+    def __init__(self, multiplier: int, *, expand: bool) -> None:
+        self.multiplier, self.expand, self.reverse = int(multiplier), bool(expand), False
+
+    def __call__(self, idxs: Any) -> list[Any]:  # noqa: D102 - the mapping protocol of torch-pruning
+        m = self.multiplier
+        if self.expand:
+            return [_helpers._HybridIndex(idx=i.idx * m + k, root_idx=i.root_idx) for i in idxs for k in range(m)]
+        return [_helpers._HybridIndex(idx=i.idx // m, root_idx=i.root_idx) for i in idxs]
 
 
 def _sizes_known(layer: Any, attr: str) -> bool:
@@ -232,6 +302,8 @@ class RobustDependencyGraph(tp.DependencyGraph):
         # which importances recognise by identity (tp.prune_groupnorm_out_channels, ...).
         self.REGISTERED_PRUNERS[ops.OPTYPE.CONCAT] = GuardedConcatPruner()
         self.REGISTERED_PRUNERS[ops.OPTYPE.SPLIT] = GuardedSplitPruner()
+        self._multiplier_pruner = ChannelMultiplierConvPruner()
+        self._multiplier_convs: dict[int, nn.Module] = {}  # id -> channel-multiplier conv (decided unpruned)
         self._refresh_pruning_fn_cache()
         self.generation = 0
         self._mapped_generation: int | None = None
@@ -244,7 +316,8 @@ class RobustDependencyGraph(tp.DependencyGraph):
         self._groups_generation = 0
 
     def _refresh_pruning_fn_cache(self) -> None:
-        pruners = [p for p in (*self.REGISTERED_PRUNERS.values(), *self.CUSTOMIZED_PRUNERS.values()) if p is not None]
+        pruners = [p for p in (*self.REGISTERED_PRUNERS.values(), *self.CUSTOMIZED_PRUNERS.values(),
+                               self._multiplier_pruner) if p is not None]
         self._in_channel_pruning_fn = {p.prune_in_channels for p in pruners}
         self._out_channel_pruning_fn = {p.prune_out_channels for p in pruners}
 
@@ -281,12 +354,87 @@ class RobustDependencyGraph(tp.DependencyGraph):
         self._param_to_name, self.unwrapped_parameters = self._detect_unwrapped_parameters(unwrapped_parameters)
         if not torch.is_grad_enabled():
             raise RuntimeError("building a dependency graph needs autograd: call it outside torch.no_grad()")
+        self._multiplier_convs = {  # a user's customized pruner for the class wins
+            id(m): m for m in model.modules()
+            if is_channel_multiplier_conv(m) and type(m) not in self.CUSTOMIZED_PRUNERS
+        }
         self.module2node = self._trace(model, example_inputs, forward_fn, output_transform=output_transform)
         self._build_dependency(self.module2node)
         shape_infer.init_shape_information(self)
         self.update_index_mapping()
         self._mapped_generation = self.generation
+        self._couple_multiplier_convs()
         return self
+
+    def get_pruner_of_module(self, module: Any) -> Any:
+        """The host's pruner of ``module``; a :class:`ChannelMultiplierConvPruner` for channel-multiplier convs."""
+        if id(module) in self._multiplier_convs:
+            return self._multiplier_pruner
+        return super().get_pruner_of_module(module)
+
+    def _couple_multiplier_convs(self) -> None:
+        """Couple the inputs and output blocks of every channel-multiplier conv fed by a conv/linear layer."""
+        pruner = self._multiplier_pruner
+        for module in self._multiplier_convs.values():
+            node = self.module2node.get(module)
+            if node is None or not self._fed_by_layer(module):
+                continue
+            pruner.coupled.add(id(module))
+            multiplier = module.out_channels // module.groups
+            for trigger, handler, expand in ((pruner.prune_in_channels, pruner.prune_out_channels, True),
+                                             (pruner.prune_out_channels, pruner.prune_in_channels, False)):
+                dep = Dependency(trigger=trigger, handler=handler, source=node, target=node)
+                dep.index_mapping[0] = BlockMapping(multiplier, expand=expand)
+                node.dependencies.append(dep)
+
+    def _fed_by_layer(self, module: nn.Module) -> bool:
+        """Whether pruning ``module``'s inputs reaches the output channels of a conv, linear or embedding layer."""
+        group = self.get_pruning_group(module, self._multiplier_pruner.prune_in_channels, [0])
+        return any(
+            isinstance(dep.target.module, (ops.TORCH_CONV, ops.TORCH_LINEAR, ops.TORCH_EMBED))
+            and self.is_out_channel_pruning_fn(dep.handler)
+            for dep, _ in group
+        )
+
+    def get_all_groups(self, ignored_layers: Any = (), root_module_types: Any = (ops.TORCH_CONV, ops.TORCH_LINEAR)
+                       ) -> Iterator[Any]:
+        """The host's groups, each rooted at its narrowest layer when another layer's channels derive from it.
+
+        Coupled channels can come in blocks: a channel-multiplier conv (input ``c``, outputs ``c*m ..``) or an
+        unflatten (``Linear`` features ``c*h*w ..`` viewed as channel ``c`` of a convolution, torch-pruning's
+        ``tests/test_reshape.py``). Rooted at the wide side, a group's scores count each block ``m`` times and
+        a ratio of root indices removes up to ``m`` times as many blocks (the importances also size their scores
+        by the first scored item: an ``IndexError`` when it is the narrow one). Such a group is re-rooted at
+        the narrowest root-type layer it covers whole (output or input channels), when the walk from there
+        reaches exactly the same channels.
+        """
+        for group in super().get_all_groups(ignored_layers=list(ignored_layers), root_module_types=root_module_types):
+            yield self._narrowest_root(group, tuple(root_module_types))
+
+    def _narrowest_root(self, group: Any, root_types: tuple[type, ...]) -> Any:
+        best, rank = None, (len(group[0].idxs), False)  # fewest channels first, output channels before inputs
+        for dep, idxs in group.items[1:]:
+            module = dep.target.module
+            if len(idxs) > rank[0] or not isinstance(module, root_types) or self._width(dep) != len(idxs):
+                continue
+            pruner = self.get_pruner_of_module(module)
+            if pruner is None or dep.handler not in (pruner.prune_out_channels, pruner.prune_in_channels):
+                continue
+            candidate = (len(idxs), dep.handler != pruner.prune_out_channels)
+            if candidate < rank:
+                best, rank = dep, candidate
+        if best is None:
+            return group
+        regrouped = self.get_pruning_group(best.target.module, best.handler, list(range(rank[0])))
+        if _coverage(regrouped) != _coverage(group):
+            return group
+        if rank[1]:  # an input root: the host names a local ranking scope after the root's source, which would
+            # be shared with the group of the layer's outputs; the source stays the layer the group was found from
+            root = regrouped.items[0]
+            dep = Dependency(best.handler, best.handler, source=group[0].dep.source, target=best.target)
+            regrouped.items[0] = _helpers.GroupItem(dep, root.idxs)
+            regrouped.items[0].root_idxs = root.root_idxs
+        return regrouped
 
     # ------------------------------------------------------------------------------------ index mappings
     def update_index_mapping(self) -> None:
@@ -523,6 +671,11 @@ class RobustDependencyGraph(tp.DependencyGraph):
                     widest = max(widest, *module.shape)
             self._max_width = widest
         return self._max_width
+
+
+def _coverage(group: Any) -> dict[tuple[int, str], int]:
+    """How many indices a group prunes per (layer, handler)."""
+    return {(id(dep.target), getattr(dep.handler, "__qualname__", "")): len(idxs) for dep, idxs in group.items}
 
 
 # -------------------------------------------------------------------------------------------- updaters
