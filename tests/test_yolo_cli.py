@@ -154,3 +154,28 @@ def test_the_saved_checkpoints_load_predict_and_export_in_ultralytics(yolo_run):
     output = torch.jit.load(exported)(torch.zeros(1, 3, 64, 64))
     anchors = sum((64 // stride) ** 2 for stride in (8, 16, 32))
     assert (output[0] if isinstance(output, (list, tuple)) else output).shape == (1, 4 + 1, anchors)
+
+
+@pytest.mark.slow
+def test_a_macs_budget_without_training_and_distilled_fine_tuning(tmp_path):
+    ultralytics = pytest.importorskip("ultralytics")
+    import PIL.Image
+    from ultralytics.utils import patches
+
+    from orthoreg_tp.engine.yolo import distill_supported
+
+    try:
+        if not distill_supported():
+            pytest.skip("the installed ultralytics has no distill_model=")
+        out = tmp_path / "run"
+        cli.main(["yolo", "--model", "yolov8n.yaml", "--data", write_dataset(tmp_path), "--imgsz", "64",
+                  "--epochs", "0", "--finetune-epochs", "1", "--target-macs", "0.6", "--distill", "--batch", "2",
+                  "--importance-batches", "1", "--output-dir", str(out)])
+        results = json.loads((out / "results.json").read_text())
+        assert results["macs_after"] <= 0.6 * results["macs_before"] and results["target"] == ["macs", 0.6]
+        assert not (out / "regularize").exists()  # no regularized training
+        pruned = ultralytics.YOLO(str(out / "pruned.pt")).model
+        assert type(pruned).__name__ == "DetectionModel"  # the student, not the distillation wrapper
+        assert sum(p.numel() for p in pruned.parameters()) == results["params_after"]
+    finally:  # importing ultralytics replaces PIL.Image.open process-wide; give the session Pillow's own back
+        PIL.Image.open = getattr(patches, "_image_open", PIL.Image.open)

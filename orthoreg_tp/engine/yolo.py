@@ -215,8 +215,6 @@ def check_inputs(config: YoloConfig) -> None:
         ...
         ValueError: model file not found: 'missing.pt' (--model takes a .pt checkpoint or a model .yaml)
     """
-    if importlib.util.find_spec("ultralytics") is None:
-        raise ValueError('orthoreg-tp yolo needs ultralytics: pip install "orthoreg-tp[yolo]"')
     model = Path(config.model)
     if model.suffix.lower() not in (".pt", ".yaml", ".yml"):
         raise ValueError(f"--model must be a .pt checkpoint or a model .yaml, got {config.model!r}")
@@ -224,6 +222,8 @@ def check_inputs(config: YoloConfig) -> None:
         raise ValueError(f"model file not found: {config.model!r} (--model takes a .pt checkpoint or a model .yaml)")
     if not Path(config.data).is_file():
         raise ValueError(f"data file not found: {config.data!r} (--data takes an ultralytics dataset YAML)")
+    if importlib.util.find_spec("ultralytics") is None:
+        raise ValueError('orthoreg-tp yolo needs ultralytics: pip install "orthoreg-tp[yolo]"')
     if config.distill and not distill_supported():
         from importlib.metadata import version
 
