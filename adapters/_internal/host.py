@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .autograd import structure_only
 from .hostgraph import RobustDependencyGraph
 
 __all__ = ["adapted_pruner_class", "make_pruner", "merge_pruner_kwargs"]
@@ -35,6 +36,15 @@ def _build_graph(model: nn.Module, example_inputs: Any, kwargs: dict[str, Any]) 
     graph_args = {k: kwargs.get(k) for k in _GRAPH_ARGS}
     if graph_args["unwrapped_parameters"] is not None:
         graph_args["unwrapped_parameters"] = list(graph_args["unwrapped_parameters"])  # the host appends to it
+    try:
+        with structure_only():  # the graph keeps the autograd graph: without activations, it holds little
+            return RobustDependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, ignored_params=list(ignored_params), **graph_args
+            )
+    except Exception:  # e.g. a forward that differentiates inside: trace again with the activations
+        pass
+    if graph_args["unwrapped_parameters"] is not None:
+        graph_args["unwrapped_parameters"] = list(graph_args["unwrapped_parameters"])
     return RobustDependencyGraph().build_dependency(
         model, example_inputs=example_inputs, ignored_params=ignored_params, **graph_args
     )

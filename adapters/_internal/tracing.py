@@ -19,7 +19,7 @@ import torch.nn as nn
 from orthoreg_tp._inputs import batch_size, call_style, flatten_tensors, run_model
 from orthoreg_tp._state import requires_grad_all
 
-from .autograd import walk_graph
+from .autograd import structure_only, walk_graph
 from .layers import LAYER_TYPES
 from .opaque import opaque_parameter_uses
 
@@ -106,8 +106,8 @@ def trace_outputs(
     layers = [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
-        with requires_grad_all(model), torch.enable_grad():
-            out = run_model(model, example_inputs, unpack=unpack)
+        out = _graph_forward(model, example_inputs, unpack, reset=lambda: (grad_fn_to_layer.clear(), fired.clear(),
+                                                                          macs.__setitem__(0, 0)))
     finally:
         for h in handles:
             h.remove()
@@ -125,6 +125,21 @@ def trace_outputs(
         opaque=opaque_parameter_uses(tensors),
         used=frozenset(used),
     )
+
+
+def _graph_forward(model: nn.Module, example_inputs: Any, unpack: bool | None, reset: Callable[[], Any]) -> Any:
+    """The model's output with autograd on, its graph recorded without the activations (:func:`structure_only`).
+
+    A forward that fails that way (one that differentiates inside, say) runs again with the activations kept,
+    after ``reset()`` cleared what the hooks recorded.
+    """
+    with requires_grad_all(model), torch.enable_grad():
+        try:
+            with structure_only():
+                return run_model(model, example_inputs, unpack=unpack)
+        except Exception:
+            reset()
+        return run_model(model, example_inputs, unpack=unpack)
 
 
 def layer_macs(module: nn.Module, inputs: tuple, output: Any) -> int:
@@ -172,8 +187,7 @@ def input_producers(
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, producer_types)]
     handles += [m.register_forward_pre_hook(pre) for m in targets]
     try:
-        with requires_grad_all(model), torch.enable_grad():
-            run_model(model, example_inputs, unpack=unpack)
+        _graph_forward(model, example_inputs, unpack, reset=lambda: (grad_fn_to_layer.clear(), inputs.clear()))
     except Exception:
         pass  # the model may be mid-failure; the inputs seen before the failure still count
     finally:
