@@ -27,6 +27,7 @@ from orthoreg_tp.integrations.ultralytics import (  # noqa: E402
     trainer_class,
     yolo_regularizer,
 )
+from orthoreg_tp.metrics import orthonormality  # noqa: E402
 
 
 def write_dataset(root) -> str:
@@ -52,10 +53,16 @@ def _overrides(data: str, root, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    """An OrthoReg DetectionTrainer set up as train() sets it up (optimizer, scaler, loaders, EMA), not run."""
+def dataset(tmp_path_factory):
+    """(folder, data YAML) of the four-image dataset."""
     root = tmp_path_factory.mktemp("yolo-data")
-    data = write_dataset(root)
+    return root, write_dataset(root)
+
+
+@pytest.fixture(scope="module")
+def trainer(dataset):
+    """An OrthoReg DetectionTrainer set up as train() sets it up (optimizer, scaler, loaders, EMA), not run."""
+    root, data = dataset
     torch.manual_seed(0)
     model = ultralytics.YOLO("yolov8n.yaml").model
     trainer = orthoreg_trainer("detect")(overrides=_overrides(data, root, "reg"), model=model, coefficient=0.1)
@@ -157,6 +164,21 @@ def test_the_optimizer_is_sgd_without_weight_decay(trainer):
     long_run = dict(model=trainer.model, name="auto", lr=0.01, momentum=0.9, decay=5e-4, iterations=1e6)
     assert type(trainer.build_optimizer(**long_run)) is torch.optim.SGD
     assert type(trainer_class("detect").build_optimizer(trainer, **long_run)).__name__ == "MuSGD"
+
+
+@pytest.mark.slow
+def test_training_with_the_regularizer_raises_every_layers_orthonormality(dataset):
+    """The same two epochs (same seed, SGD, four steps) with and without the regularizer, through train()."""
+    root, data = dataset
+    trained = {}
+    for coefficient in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = ultralytics.YOLO("yolov8n.yaml").model
+        overrides = {**_overrides(data, root, f"ortho-{coefficient}"), "epochs": 2, "nbs": 2, "val": False}
+        orthoreg_trainer("detect")(overrides=overrides, model=model, coefficient=coefficient).train()
+        trained[coefficient] = orthonormality(model)
+    layers = [name for name, _ in yolo_regularizer(model, 1.0).layers]
+    assert all(trained[1.0][name] > trained[0.0][name] for name in layers)
 
 
 @pytest.mark.parametrize("overrides, match", [
