@@ -132,9 +132,9 @@ class OrthoRegTrainerMixin:
 
     Args:
         cfg: Ultralytics' configuration (default: its ``DEFAULT_CFG``).
-        overrides: Ultralytics' options (``data``, ``epochs``, ``imgsz``, ``batch``, ``device``...). With a
-            positive ``coefficient``, ``optimizer`` must be ``"SGD"`` or ``"auto"`` (it is set to SGD) and
-            ``weight_decay`` 0 or unset (it is set to 0).
+        overrides: Ultralytics' options (``data``, ``epochs``, ``imgsz``, ``batch``, ``device``...).
+            ``optimizer`` must be ``"SGD"``, ``"auto"`` or unset and ``weight_decay`` 0 or unset: SGD without
+            weight decay is pinned.
         _callbacks: Ultralytics' callbacks.
         model: An ``nn.Module`` to train as it is (``yolo.model``, pruned or not); ``None``: ultralytics builds
             one from ``overrides["model"]``.
