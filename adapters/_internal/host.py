@@ -30,12 +30,20 @@ def _no_forward(model: nn.Module, example_inputs: Any) -> torch.Tensor:
     return torch.zeros(())
 
 
-def _build_graph(model: nn.Module, example_inputs: Any, kwargs: dict[str, Any]) -> RobustDependencyGraph:
-    """The robust graph of ``model`` for the pruner arguments ``kwargs`` (one traced forward pass)."""
+def _build_graph(model: nn.Module, example_inputs: Any, kwargs: dict[str, Any],
+                 recording: Any = None) -> RobustDependencyGraph:
+    """The robust graph of ``model`` for the pruner arguments ``kwargs``.
+
+    One traced forward pass, or none when ``recording`` holds one.
+    """
     ignored_params = [p for p in kwargs.get("ignored_layers") or [] if isinstance(p, nn.Parameter)]
     graph_args = {k: kwargs.get(k) for k in _GRAPH_ARGS}
     if graph_args["unwrapped_parameters"] is not None:
         graph_args["unwrapped_parameters"] = list(graph_args["unwrapped_parameters"])  # the host appends to it
+    if recording is not None:
+        return RobustDependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, ignored_params=ignored_params, recording=recording, **graph_args
+        )
     try:
         with structure_only():  # the graph keeps the autograd graph: without activations, it holds little
             return RobustDependencyGraph().build_dependency(
@@ -56,9 +64,9 @@ class _RobustPrunerMixin:
     finalizer: Callable[[nn.Module, Any], None] | None = None
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, graph: RobustDependencyGraph | None = None,
-                 **kwargs: Any) -> None:
+                 recording: Any = None, **kwargs: Any) -> None:
         if graph is None:
-            graph = _build_graph(model, example_inputs, kwargs)
+            graph = _build_graph(model, example_inputs, kwargs, recording)
         elif graph.model is not model or graph.generation:
             raise ValueError("graph= must be an unpruned graph of the same model (reused instead of tracing again)")
         self.__dict__["_pending_graph"] = graph
@@ -177,14 +185,17 @@ def merge_pruner_kwargs(model: nn.Module, base: dict[str, Any], user: dict[str, 
 
 def make_pruner(pruner_class: type, model: nn.Module, example_inputs: Any, importance: Any,
                 kwargs: dict[str, Any], finalizer: Callable[[nn.Module, Any], None] | None = None, *,
-                graph: RobustDependencyGraph | None = None) -> Any:
+                graph: RobustDependencyGraph | None = None, recording: Any = None) -> Any:
     """The one place where the project builds a torch-pruning pruner (an :func:`adapted_pruner_class` instance).
 
     ``kwargs`` are the merged pruner arguments (:func:`merge_pruner_kwargs`); ``finalizer(model, pruner)`` (the
     spec's fix-ups) runs after every step of the returned pruner. ``graph``: the unpruned graph of an earlier
     pruner of ``model`` built with the same graph arguments (``forward_fn``, ``unwrapped_parameters``,
-    ``customized_pruners``, ignored parameters), reused instead of tracing the model again.
+    ``customized_pruners``, ignored parameters), reused instead of tracing the model again; ``recording``: a
+    :class:`~.tracing.Recording` of the unpruned model on ``example_inputs`` with the pruner's forward function,
+    from which the graph is built without running the model.
     """
-    pruner = adapted_pruner_class(pruner_class)(model, example_inputs, importance=importance, graph=graph, **kwargs)
+    pruner = adapted_pruner_class(pruner_class)(model, example_inputs, importance=importance, graph=graph,
+                                                recording=recording, **kwargs)
     pruner.finalizer = finalizer
     return pruner

@@ -332,11 +332,15 @@ class RobustDependencyGraph(tp.DependencyGraph):
         ignored_layers: list[nn.Module] | None = None,
         ignored_params: list[nn.Parameter] | None = None,
         verbose: bool = True,
+        recording: Any = None,
     ) -> RobustDependencyGraph:
         """Trace ``model`` and build the graph (the arguments of ``tp.DependencyGraph.build_dependency``).
 
         The host's steps, in its order, except that index mappings come from :meth:`update_index_mapping`.
+        ``recording`` (a :class:`~.tracing.Recording` of ``model`` on the same inputs and forward function) is
+        used instead of running the model again.
         """
+        self.__dict__["_recording"] = recording
         self.verbose = verbose
         self.model = model
         self._module2name = {module: name for (name, module) in model.named_modules()}
@@ -365,6 +369,13 @@ class RobustDependencyGraph(tp.DependencyGraph):
         self._mapped_generation = self.generation
         self._couple_multiplier_convs()
         return self
+
+    def _trace(self, model: nn.Module, example_inputs: Any, forward_fn: Any, output_transform: Any) -> dict:
+        """The host's tracing, or its replay on the recorded forward pass given to :meth:`build_dependency`."""
+        recording = self.__dict__.pop("_recording", None)
+        if recording is None:
+            return super()._trace(model, example_inputs, forward_fn, output_transform)
+        return _replayed_trace(self, model, recording, output_transform)
 
     def get_pruner_of_module(self, module: Any) -> Any:
         """The host's pruner of ``module``; a :class:`ChannelMultiplierConvPruner` for channel-multiplier convs."""
@@ -676,6 +687,39 @@ class RobustDependencyGraph(tp.DependencyGraph):
 def _coverage(group: Any) -> dict[tuple[int, str], int]:
     """How many indices a group prunes per (layer, handler)."""
     return {(id(dep.target), getattr(dep.handler, "__qualname__", "")): len(idxs) for dep, idxs in group.items}
+
+
+def _replayed_trace(graph: RobustDependencyGraph, model: nn.Module, recording: Any, output_transform: Any) -> dict:
+    """``tp.DependencyGraph._trace`` on a recorded forward pass: what its hooks would record, then its graph walk."""
+    model.eval()
+    graph._2d_4d = True
+    registered = tuple(ops.type2class(t) for t in graph.REGISTERED_PRUNERS) + tuple(graph.CUSTOMIZED_PRUNERS)
+    ignored = {id(m) for m in graph.IGNORED_LAYERS_IN_TRACING}
+    gradfn2module: dict[Any, nn.Module] = {}
+    calls: dict[nn.Module, int] = {}
+    for module, grad_fn, linear_3d in recording.calls:
+        if isinstance(module, registered) and id(module) not in ignored:
+            calls[module] = calls.get(module, 0) + 1
+            graph._2d_4d = graph._2d_4d and not linear_3d
+            gradfn2module[grad_fn] = module
+    reused = [m for m, n in calls.items() if n > 1]
+    out = recording.output if output_transform is None else output_transform(recording.output)
+    module2node: dict[Any, Any] = {}
+    visited: set[Any] = set()
+    for o in tp.utils.flatten_as_list(out):
+        graph._trace_computational_graph(module2node, o, gradfn2module, reused, visited=visited)
+    if graph.unwrapped_parameters:  # the host's ViT corner case: no index mapping on a concat/split of 3-D params
+        for node in module2node.values():
+            if node.type in (ops.OPTYPE.CONCAT, ops.OPTYPE.SPLIT):
+                stack, seen = [node], set()
+                while stack:
+                    n = stack.pop()
+                    seen.add(n)
+                    if n.type == ops.OPTYPE.PARAMETER and len(n.module.shape) == 3:
+                        node.enable_index_mapping = False
+                        break
+                    stack.extend(ni for ni in n.inputs if ni not in seen)
+    return module2node
 
 
 # -------------------------------------------------------------------------------------------- updaters

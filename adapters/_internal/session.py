@@ -164,6 +164,8 @@ class PruneSession:
         self.frozen_classes: dict[type, int] = {}
         self._ranking: Ranking | None = None
         self._ranked_graph: Any = None  # the ranking's unpruned graph, reused by the next attempt
+        # the reference pass, from which the first graph is built (unless the user traces with their own forward)
+        self._recording = reference.recording if "forward_fn" not in pruner_kwargs else None
 
     # ------------------------------------------------------------------ building blocks
     @contextlib.contextmanager
@@ -187,13 +189,15 @@ class PruneSession:
 
     def _build(self, ratio: float, ranking: Ranking | None, graph: Any = None) -> Any:
         """A pruner at ``ratio``; on ``graph`` (an unpruned graph of the same arguments) when given, else traced."""
+        recording = None
         if graph is None:
             self.importance.forget()  # new graph, new groups
+            recording, self._recording = self._recording, None  # valid for the unpruned model only: use it once
             for p in self.model.parameters():
                 p.requires_grad_(True)  # torch-pruning traces the graph through autograd
         try:
             return make_pruner(self.pruner_class, self.model, self.example_inputs, self.importance,
-                               self._kwargs(ratio, ranking), graph=graph)
+                               self._kwargs(ratio, ranking), graph=graph, recording=recording)
         except ImportanceFailure:
             raise
         except Exception as exc:

@@ -24,6 +24,7 @@ from .layers import LAYER_TYPES
 from .opaque import opaque_parameter_uses
 
 __all__ = [
+    "Recording",
     "Trace",
     "batch_size",
     "call_style",
@@ -62,6 +63,20 @@ def _used_parameters(outputs: Iterable[torch.Tensor]) -> set[int]:
 
 
 @dataclass(frozen=True)
+class Recording:
+    """One forward pass as torch-pruning's graph tracer would see it, to build the dependency graph without another.
+
+    Attributes:
+        output: The model's raw output (its autograd graph recorded without activations).
+        calls: ``(module, grad_fn of its first output, a Linear with a 3-D output)`` for every module call, in the
+            order the forward hooks fired.
+    """
+
+    output: Any
+    calls: tuple[tuple[nn.Module, Any, bool], ...]
+
+
+@dataclass(frozen=True)
 class Trace:
     """What one autograd-enabled forward pass tells about a model.
 
@@ -74,6 +89,7 @@ class Trace:
         used: Ids of the parameters the pass reads.
         opaque: ``{id(parameter): op}`` for parameters that enter a matrix product directly
             (see :func:`~orthoreg_tp.adapters.opaque.opaque_parameter_uses`).
+        recording: The pass as the dependency graph's tracer sees it (:class:`Recording`).
     """
 
     outputs: tuple[torch.Tensor, ...]
@@ -82,6 +98,7 @@ class Trace:
     functional: list[nn.Module]
     opaque: dict[int, str] = field(default_factory=dict)
     used: frozenset[int] = frozenset()
+    recording: Recording | None = field(default=None, repr=False, compare=False)
 
 
 def trace_outputs(
@@ -95,6 +112,7 @@ def trace_outputs(
     grad_fn_to_layer: dict[Any, nn.Module] = {}
     fired: set[int] = set()
     macs = [0]
+    calls: list[tuple[nn.Module, Any, bool]] = []
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         fired.add(id(module))
@@ -103,11 +121,22 @@ def trace_outputs(
         if first and first[0].grad_fn is not None:
             grad_fn_to_layer[first[0].grad_fn] = module
 
+    def record(module: nn.Module, inputs: Any, output: Any) -> None:  # what torch-pruning's tracer records
+        first = output[0] if isinstance(output, tuple) and output else output
+        first = first.data if isinstance(first, nn.utils.rnn.PackedSequence) else first
+        shape = getattr(output, "shape", None)
+        linear_3d = isinstance(module, nn.Linear) and shape is not None and len(shape) == 3
+        calls.append((module, getattr(first, "grad_fn", None), linear_3d))
+
+    def reset() -> None:
+        grad_fn_to_layer.clear(), fired.clear(), calls.clear()
+        macs[0] = 0
+
     layers = [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
     handles = [m.register_forward_hook(hook) for m in layers]
+    handles += [m.register_forward_hook(record) for m in model.modules()]
     try:
-        out = _graph_forward(model, example_inputs, unpack, reset=lambda: (grad_fn_to_layer.clear(), fired.clear(),
-                                                                          macs.__setitem__(0, 0)))
+        out = _graph_forward(model, example_inputs, unpack, reset=reset)
     finally:
         for h in handles:
             h.remove()
@@ -124,6 +153,7 @@ def trace_outputs(
         functional=functional,
         opaque=opaque_parameter_uses(tensors),
         used=frozenset(used),
+        recording=Recording(out, tuple(calls)),
     )
 
 
