@@ -110,6 +110,17 @@ def test_prune_mid_training_keeps_training_and_checkpoints_reload(tmp_path):
     assert resumed.net[3].weight.shape == module.net[3].weight.shape
 
 
+@pytest.mark.slow
+def test_ema_copy_is_pruned_with_the_module():
+    ema = pl.callbacks.EMAWeightAveraging(decay=0.9)
+    cb = OrthoRegCallback(coefficient=1e-2, prune_epoch=0, ratio=0.5, example_inputs=X, importance_batches=2)
+    module, _ = _fit([cb, ema], max_epochs=2)  # at the end Lightning copies the average into the (pruned) module
+    average = ema._average_model.module
+    assert average.net[3].weight.shape == module.net[3].weight.shape < torch.Size([16, 16, 3, 3])
+    torch.testing.assert_close(average.net[3].weight, module.net[3].weight)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 def test_callback_validates_its_arguments():
     with pytest.raises(ValueError, match="exactly one of ratio= and target="):
         OrthoRegCallback(prune_epoch=1, example_inputs=X)

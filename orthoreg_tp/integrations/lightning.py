@@ -15,6 +15,23 @@ from .resume import CHECKPOINT_KEY
 __all__ = ["OrthoRegCallback"]
 
 
+def _prune_averages(trainer: pl.Trainer, example_inputs: Any, history: Any) -> int:
+    """Prune the averaged copies of Lightning's weight-averaging callbacks (EMA, SWA) the same way; how many."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    from ..adapters import replay
+    from .rebuild import map_tensors
+
+    done = 0
+    for cb in trainer.callbacks:
+        average = getattr(cb, "_average_model", None) if isinstance(cb, WeightAveraging) else None
+        if average is not None:
+            device = next(average.module.parameters()).device
+            replay(average.module, map_tensors(example_inputs, lambda t, d=device: t.to(d)), history)
+            done += 1
+    return done
+
+
 class OrthoRegCallback(pl.Callback):
     """Adds the OrthoReg gradient before every optimizer step; optionally prunes at the end of an epoch.
 
@@ -25,9 +42,10 @@ class OrthoRegCallback(pl.Callback):
     regularizer's gradient), prunes the ``LightningModule`` at the epoch's end through
     :func:`orthoreg_tp.adapters.prune`, points every optimizer at the new parameters (momentum / Adam state
     sliced to the kept channels; the optimizer and scheduler objects stay), re-wraps DDP over the new parameters
-    and goes on training. Under the ``ddp`` strategy the importance is summed over ranks first, so every rank
-    prunes the same channels. Checkpoints carry the pruning history (key ``"orthoreg_tp"``): reload one with
-    :func:`orthoreg_tp.integrations.load_pruned_checkpoint`, or resume with
+    and goes on training (the averaged copy of Lightning's ``EMAWeightAveraging`` / ``WeightAveraging`` is pruned
+    the same way, by replaying the history). Under the ``ddp`` strategy the importance is summed over ranks
+    first, so every rank prunes the same channels. Checkpoints carry the pruning history (key ``"orthoreg_tp"``):
+    reload one with :func:`orthoreg_tp.integrations.load_pruned_checkpoint`, or resume with
     :func:`orthoreg_tp.integrations.replay_checkpoint_` before ``trainer.fit(..., ckpt_path=...)``.
 
     Args:
@@ -96,7 +114,8 @@ class OrthoRegCallback(pl.Callback):
         """Prune at the end of ``prune_epoch`` and carry the optimizers and DDP over to the new parameters."""
         if not self.core.should_prune(trainer.current_epoch):
             return
-        self.core.prune(trainer.optimizers)
+        report = self.core.prune(trainer.optimizers)
+        _prune_averages(trainer, self.core.example_inputs, report.history)
         strategy = trainer.strategy
         if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel) and hasattr(strategy,
                                                                                            "configure_ddp"):
