@@ -12,8 +12,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from ..floor import NORMALIZERS
@@ -384,13 +388,28 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         >>> load_config_file(f.name)
         {'method': 'l1', 'prune_percent': 60.0, 'phases': {'base': '0.1:2'}}
     """
-    import json
-    import types
-    import typing
-    from pathlib import Path
-
     recorded = ("data", "world_size", "dense_params", "dense_macs")  # written by the engine next to the config
-    path = Path(path)
+    data = _read_mapping(Path(path))
+    hints = typing.get_type_hints(RecipeConfig)
+    unknown = sorted(str(k) for k in data if k not in hints and k not in recorded)
+    if unknown:
+        raise ValueError(f"unknown keys in config file {str(path)!r}: {', '.join(unknown)}; the keys are "
+                         f"{RecipeConfig.__name__}'s fields (as in a run's config.json)")
+    values = {}
+    for name, value in data.items():
+        if name in recorded:
+            continue
+        try:
+            values[name] = _convert(hints[name], value)
+        except TypeError:
+            hint = hints[name]
+            shown = hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
+            raise ValueError(f"config file {str(path)!r}: {name} must be {shown}, got {value!r}") from None
+    return values
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """The mapping a JSON or YAML (``.yaml``/``.yml``) file holds; ``ValueError`` naming what is wrong."""
     try:
         text = path.read_text()
     except OSError as err:
@@ -409,47 +428,33 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r} is not valid: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of option names to values")
-    hints = typing.get_type_hints(RecipeConfig)
-    unknown = sorted(str(k) for k in data if k not in hints and k not in recorded)
-    if unknown:
-        raise ValueError(f"unknown keys in config file {str(path)!r}: {', '.join(unknown)}; the keys are "
-                         f"{RecipeConfig.__name__}'s fields (as in a run's config.json)")
+    return data
 
-    def convert(hint: Any, value: Any) -> Any:  # raises TypeError when value does not fit hint
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if isinstance(hint, types.UnionType) or origin is typing.Union:
-            for option in args:
-                try:
-                    return convert(option, value)
-                except TypeError:
-                    pass
-        elif hint is type(None):
-            if value is None:
-                return None
-        elif hint is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-        elif hint in (int, str, bool):
-            if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
-                return value
-        elif origin is list and len(args) == 1:
-            if isinstance(value, list):
-                return [convert(args[0], v) for v in value]
-        elif origin is dict and len(args) == 2:
-            if isinstance(value, dict):
-                return {convert(args[0], k): convert(args[1], v) for k, v in value.items()}
-        else:
-            return value  # a type this reader does not know: RecipeConfig.validate() judges it
-        raise TypeError(hint)
 
-    values = {}
-    for name, value in data.items():
-        if name in recorded:
-            continue
-        try:
-            values[name] = convert(hints[name], value)
-        except TypeError:
-            hint = hints[name]
-            shown = hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
-            raise ValueError(f"config file {str(path)!r}: {name} must be {shown}, got {value!r}") from None
-    return values
+def _convert(hint: Any, value: Any) -> Any:
+    """``value`` as type ``hint`` (ints become floats for float fields); ``TypeError`` when it does not fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
+        for option in args:
+            try:
+                return _convert(option, value)
+            except TypeError:
+                pass
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint in (int, str, bool):
+        if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+            return value
+    elif origin is list and len(args) == 1:
+        if isinstance(value, list):
+            return [_convert(args[0], v) for v in value]
+    elif origin is dict and len(args) == 2:
+        if isinstance(value, dict):
+            return {_convert(args[0], k): _convert(args[1], v) for k, v in value.items()}
+    else:
+        return value  # a type this reader does not know: RecipeConfig.validate() judges it
+    raise TypeError(hint)
