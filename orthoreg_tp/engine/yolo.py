@@ -220,8 +220,9 @@ def check_inputs(config: YoloConfig) -> None:
         raise ValueError(f"--model must be a .pt checkpoint or a model .yaml, got {config.model!r}")
     if model.suffix.lower() == ".pt" and not model.is_file():  # ultralytics would try to download it
         raise ValueError(f"model file not found: {config.model!r} (--model takes a .pt checkpoint or a model .yaml)")
-    if not Path(config.data).is_file():
-        raise ValueError(f"data file not found: {config.data!r} (--data takes an ultralytics dataset YAML)")
+    if not Path(config.data).exists():
+        raise ValueError(f"data file not found: {config.data!r} (--data takes an ultralytics dataset YAML, or a "
+                         "classification dataset's folder)")
     if importlib.util.find_spec("ultralytics") is None:
         raise ValueError('orthoreg-tp yolo needs ultralytics: pip install "orthoreg-tp[yolo]"')
     if config.distill and not distill_supported():
@@ -403,6 +404,8 @@ def _results(config: YoloConfig, task: str, before: dict[str, Any], after: dict[
         m = values["metrics"]
         out[f"map50_95_{stage}"] = m.get("metrics/mAP50-95(B)")
         out[f"map50_{stage}"] = m.get("metrics/mAP50(B)")
+        if "metrics/accuracy_top1" in m:  # classification
+            out[f"top1_{stage}"] = m["metrics/accuracy_top1"]
         out[f"params_{stage}"] = values["params"]
         out[f"macs_{stage}"] = values["macs"]
         out[f"metrics_{stage}"] = m
@@ -424,7 +427,7 @@ def results_table(results: Mapping[str, Any]) -> str:
         | params | 10 | 5 |
     """
     rows = ["| metric | before | after |", "|---|---|---|"]
-    for key in ("map50_95", "map50", "params", "macs"):
+    for key in ("map50_95", "map50", "top1", "params", "macs"):
         if f"{key}_before" not in results:
             continue
         pair = [results.get(f"{key}_{s}") for s in ("before", "after")]
