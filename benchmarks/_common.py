@@ -66,8 +66,12 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
-                      device: torch.device | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each function, calls interleaved (A B C A B C ...) so drifts hit all alike."""
+                      device: torch.device | None = None,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each function, calls interleaved (A B C A B C ...) so drifts hit all alike.
+
+    ``clock`` is wall time by default; ``time.process_time`` (this process's CPU time) is steadier on shared cores.
+    """
     device = device or torch.device("cpu")
     for _ in range(warmup):
         for fn in fns.values():
@@ -77,10 +81,10 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, repeats: int, war
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
