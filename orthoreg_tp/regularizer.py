@@ -175,7 +175,9 @@ class OrthoRegularizer:
         """Add ``coefficient * d penalty / d W`` to every regularized parameter's ``.grad``, in place.
 
         Call between ``loss.backward()`` and ``optimizer.step()`` (under AMP, after
-        ``scaler.unscale_(optimizer)``). Equals autograd's gradient of :meth:`penalty` without building a graph.
+        ``scaler.unscale_(optimizer)``). Equals autograd's gradient of :meth:`penalty` without building a graph,
+        for two matrix products per layer (its Gram, symmetric, and the gradient, accumulated straight into
+        ``.grad``) and no copy of the weights (:func:`~orthoreg_tp.functional.ortho_grad`).
 
         Args:
             model: Accepted for torch-pruning's ``regularize(model)`` convention (the model or its DDP
