@@ -297,3 +297,17 @@ def test_files_summary_and_round_trip(tmp_path) -> None:
     summary = result.summary()
     top = result.groups()[0]["root"]
     assert "most sensitive" in summary and f"1. {top}" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, side", [("timm:test_vit", 160), ("mobilenet_v1", 16), ("torchvision:mobilenet_v2", 32),
+                                        ("timm:convnext_atto", 32)])
+def test_every_group_of_library_and_project_models_is_measured(name: str, side: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10)
+    before = _fingerprint(model)
+    batches = [(torch.randn(2, 3, side, side), torch.randint(0, 10, (2,)))]
+    result = sensitivity(model, batches[0][0][:1], batches, levels=(0.5,), progress=False)
+    assert len(result.rows) >= 5 and {r["status"] for r in result.rows} == {"ok"}
+    assert all(r["removed"] > 0 and r["params_removed"] > 0 for r in result.rows)
+    _assert_unharmed(model, before)
