@@ -28,7 +28,7 @@ from ultralytics.nn.tasks import BaseModel
 
 from .._internal.generic import frozen_block
 from ..registry import AdapterContext, ModelAdapter, register_model_adapter, register_module_adapter
-from ..spec import SpecPart
+from ..spec import Fixup, SpecPart
 
 __all__ = ["is_ultralytics_model", "yolo_predictions"]
 
@@ -70,6 +70,32 @@ def _last_conv(module: nn.Module) -> nn.Module | None:
     return convs[-1] if convs else None
 
 
+def sync_split_width(module: nn.Module, _ctx: Any = None) -> bool:
+    """Set a split block's half width ``c`` from its first convolution, in place (``True`` when it changed).
+
+    Ultralytics' C2f family (C2f, C3k2, C2fPSA, C2fCIB, C2fAttn) and RepNCSPELAN4 halve ``cv1``'s output with
+    ``chunk(2)`` in training and inference, but with ``split((c, c))`` (``forward_split``, a width fixed at
+    construction) when exporting: after pruning, ``c`` must follow ``cv1``'s width or the export fails.
+
+    Example:
+        >>> sync_split_width(nn.Conv2d(3, 4, 1))
+        False
+    """
+    conv = getattr(getattr(module, "cv1", None), "conv", None)
+    if not (callable(getattr(module, "forward_split", None)) and isinstance(getattr(module, "c", None), int)
+            and isinstance(conv, nn.Conv2d)):
+        return False
+    if conv.out_channels % 2 or 2 * module.c == conv.out_channels:
+        return False
+    module.c = conv.out_channels // 2
+    return True
+
+
+def _split_width_fixups(model: nn.Module, names: dict[nn.Module, str]) -> list[Fixup]:
+    return [Fixup(names.get(m, ""), "split width c follows cv1 (export splits by it)", sync_split_width)
+            for m in model.modules() if callable(getattr(m, "forward_split", None)) and hasattr(m, "c")]
+
+
 def _describe(model: nn.Module, ctx: AdapterContext) -> SpecPart:
     kept: list[nn.Module] = []
     head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
@@ -87,7 +113,7 @@ def _describe(model: nn.Module, ctx: AdapterContext) -> SpecPart:
     if kept:
         notes.append("ultralytics: eval-mode 'feats' are not predictions (the layers producing them are pruned)")
         notes.append("ultralytics: head output convolutions kept: " + ", ".join(names.get(m, "?") for m in kept))
-    return SpecPart(ignored_layers=kept, notes=notes)
+    return SpecPart(ignored_layers=kept, notes=notes, fixups=_split_width_fixups(model, names))
 
 
 register_model_adapter(ModelAdapter("ultralytics", is_ultralytics_model, _describe, outputs=yolo_predictions))

@@ -308,15 +308,13 @@ def yolo_importance(model: nn.Module, trainer: Any, batches: int) -> tuple[Any, 
 
 def _prune(model: nn.Module, importance: Any, config: YoloConfig) -> Any:
     from ..adapters import prune
-    from ..integrations.ultralytics import sync_split_widths_
 
     example = torch.randn(1, 3, config.imgsz, config.imgsz, device=next(model.parameters()).device)
     if config.target is not None:
         report = prune(model, example, importance=importance, target=config.target)
     else:
         report = prune(model, example, importance=importance, ratio=config.prune_percent / 100.0)
-    sync_split_widths_(model)  # the export path splits C2f blocks by a stored width
-    return report
+    return report  # the ultralytics adapter's fix-up already set each C2f block's split width for export
 
 
 def finetune(model: nn.Module, config: YoloConfig, task: str, *, teacher: Path) -> nn.Module:

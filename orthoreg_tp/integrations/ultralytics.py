@@ -83,24 +83,17 @@ def check_module(model: Any) -> nn.Module:
 def sync_split_widths_(model: nn.Module) -> list[str]:
     """Set each pruned split block's half width ``c`` from its first convolution, in place; returns their names.
 
-    Ultralytics' C2f family (C2f, C3k2, C2fPSA, C2fCIB, C2fAttn) and RepNCSPELAN4 halve ``cv1``'s output with
-    ``chunk(2)`` in training and inference, but with ``split((c, c))`` (``forward_split``, a width fixed at
-    construction) when exporting. After pruning, ``c`` must follow ``cv1``'s width or the export fails.
+    :func:`orthoreg_tp.adapters.prune` does this itself (a fix-up of the ultralytics adapter); call it after
+    pruning a YOLO model with plain torch-pruning, before exporting (ultralytics' export splits C2f-family blocks
+    by ``c``).
 
     Example:
         >>> sync_split_widths_(nn.Sequential(nn.Conv2d(3, 4, 1)))
         []
     """
-    fixed = []
-    for name, m in model.named_modules():
-        conv = getattr(getattr(m, "cv1", None), "conv", None)
-        if not (callable(getattr(m, "forward_split", None)) and isinstance(getattr(m, "c", None), int)
-                and isinstance(conv, nn.Conv2d)):
-            continue
-        if conv.out_channels % 2 == 0 and 2 * m.c != conv.out_channels:
-            m.c = conv.out_channels // 2
-            fixed.append(name)
-    return fixed
+    from orthoreg_tp.adapters.libraries.ultralytics_models import sync_split_width
+
+    return [name for name, m in model.named_modules() if sync_split_width(m)]
 
 
 def yolo_regularizer(model: nn.Module, coefficient: float, **options: Any) -> OrthoRegularizer:
