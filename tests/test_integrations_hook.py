@@ -159,3 +159,17 @@ def test_wrappers_and_bad_arguments():
         attach(opt, model, scaler="fp16")
     with pytest.raises(ValueError, match="every"):
         attach(opt, copy.deepcopy(model), every=0)
+
+
+def test_accelerate_prepared_optimizer_is_unwrapped():
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = _model()
+    model, opt = accelerator.prepare(model, SGD(model.parameters()))
+    handle = attach(opt, model, coefficient=0.5)
+    assert handle.optimizer is opt.optimizer
+    for _ in range(2):
+        opt.zero_grad()
+        accelerator.backward(_loss(model))
+        opt.step()
+    _assert_same(model, _reference(SGD))
