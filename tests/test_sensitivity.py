@@ -13,6 +13,7 @@ from orthoreg_tp.adapters import prune, restore, snapshot
 from torch import nn
 
 from orthoreg_tp.analyze import SensitivityResult, measure, predicted_deltas, removal_indices, sensitivity
+from orthoreg_tp.analyze.result import spearman
 from orthoreg_tp.engine.models import build_model
 from orthoreg_tp.importance import OrthoRegImportance, default_loss
 from orthoreg_tp.metrics import layer_widths
@@ -311,3 +312,12 @@ def test_every_group_of_library_and_project_models_is_measured(name: str, side: 
     assert len(result.rows) >= 5 and {r["status"] for r in result.rows} == {"ok"}
     assert all(r["removed"] > 0 and r["params_removed"] > 0 for r in result.rows)
     _assert_unharmed(model, before)
+
+
+def test_spearman_against_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(30, generator=g).tolist(), torch.randn(30, generator=g).tolist()
+    b[:5] = [1.0] * 5  # ties get their average rank
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert spearman([1.0, 2.0], [3.0, 3.0]) is None

@@ -12,13 +12,15 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["CSV_COLUMNS", "SensitivityResult", "rows_for_table"]
+__all__ = ["CSV_COLUMNS", "PREDICTIONS", "SensitivityResult", "rows_for_table", "spearman"]
 
 #: Columns of :meth:`SensitivityResult.to_csv` (``layers`` joined with ``;``).
 CSV_COLUMNS: tuple[str, ...] = (
     "group", "root", "layers", "level", "channels", "removed", "params_removed", "loss", "acc", "loss_delta",
     "acc_delta", "predicted_loss_delta", "predicted_joint_loss_delta", "first_order_loss_delta", "status", "note",
 )
+#: The prediction columns (docs/sensitivity.md).
+PREDICTIONS: tuple[str, ...] = ("predicted_loss_delta", "predicted_joint_loss_delta", "first_order_loss_delta")
 
 
 @dataclass
@@ -85,6 +87,24 @@ class SensitivityResult:
                         "note": "" if measured else next((r.get("note", "") for r in rows if r.get("note")), "")})
         return sorted(out, key=lambda g: (g["sensitivity"] is None, -(g["sensitivity"] or 0.0), g["group"]))
 
+    def prediction_agreement(self) -> dict[str, float | None]:
+        """Spearman rank correlation between the measured loss change and each prediction, over measured rows.
+
+        How well each estimate orders the (group, level) trials; ``None`` with fewer than 3 rows that have both.
+
+        Example:
+            >>> rows = [{"group": i, "level": 0.5, "status": "ok", "loss_delta": d, "predicted_loss_delta": p}
+            ...         for i, (d, p) in enumerate([(0.1, 1.0), (0.3, 2.0), (0.2, 3.0)])]
+            >>> SensitivityResult(rows=rows, baseline_loss=1.0).prediction_agreement()["predicted_loss_delta"]
+            0.5
+        """
+        out: dict[str, float | None] = {}
+        for column in PREDICTIONS:
+            pairs = [(r["loss_delta"], r[column]) for r in self.rows if r.get("status") == "ok"
+                     and r.get("loss_delta") is not None and r.get(column) is not None]
+            out[column] = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= 3 else None
+        return out
+
     def summary(self, top: int = 5) -> str:
         """A short ranked text: the most and the least sensitive groups, and those that could not be pruned alone.
 
@@ -105,6 +125,10 @@ class SensitivityResult:
             lines.append("least sensitive:")
             tail = ranked[-top:] if len(ranked) >= 2 * top else ranked[top:]
             lines += [_group_line(ranked.index(g) + 1, g) for g in tail]
+        agreement = {k: v for k, v in self.prediction_agreement().items() if v is not None}
+        if agreement:
+            lines.append("rank correlation of measured and predicted loss changes (Spearman): " + ", ".join(
+                f"{k.removesuffix('_loss_delta')} {v:.2f}" for k, v in agreement.items()))
         failed = [g for g in groups if g["sensitivity"] is None]
         if failed:
             lines.append(f"not measured alone ({len(failed)}): " + "; ".join(
@@ -210,6 +234,36 @@ class SensitivityResult:
         from .plots import plot_sensitivity
 
         return plot_sensitivity(self, path)
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Ranks starting at 1, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on average ranks); ``None`` if either side is constant.
+
+    Example:
+        >>> spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0])
+        0.5
+    """
+    ra, rb = _ranks(a), _ranks(b)
+    n = len(ra)
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return None if va == 0 or vb == 0 else cov / (va * vb) ** 0.5
 
 
 def _group_line(rank: int, g: dict[str, Any]) -> str:
