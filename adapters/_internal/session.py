@@ -164,10 +164,17 @@ class PruneSession:
         self.frozen_classes: dict[type, int] = {}
         self._ranking: Ranking | None = None
         self._ranked_graph: Any = None  # the ranking's unpruned graph, reused by the next attempt
+        self._touched = False  # pruned since the snapshot was last restored
         # the reference pass, from which the first graph is built (unless the user traces with their own forward)
         self._recording = reference.recording if "forward_fn" not in pruner_kwargs else None
 
     # ------------------------------------------------------------------ building blocks
+    def _restore(self) -> None:
+        """Restore the snapshot unless the model is untouched since it was taken or last restored."""
+        if self._touched:
+            restore(self.snap)
+            self._touched = False
+
     @contextlib.contextmanager
     def _seeded(self) -> Iterator[None]:
         with torch.random.fork_rng(devices=[], enabled=self.cfg.seed is not None):
@@ -207,7 +214,7 @@ class PruneSession:
     def ranking(self) -> Ranking:
         """Score every ranked group once on the unpruned model (cached until a repair freezes a block)."""
         if self._ranking is None:
-            restore(self.snap)
+            self._restore()
             with self._seeded():
                 pruner = self._build(0.0, None)
                 self._ranking = self._rank(pruner)
@@ -235,7 +242,7 @@ class PruneSession:
     def attempt(self, ratio: float) -> Trial:
         """Prune the restored model at ``ratio``, finalize and verify it (raises on any failure)."""
         ranking = self.ranking()
-        restore(self.snap)  # same module and parameter objects: the ranking's graph stays valid
+        self._restore()  # same module and parameter objects: the ranking's graph stays valid
         graph, self._ranked_graph = self._ranked_graph, None
         with self._seeded():
             pruner = self._build(ratio, ranking, graph=graph if graph is not None and not graph.generation else None)
@@ -259,6 +266,7 @@ class PruneSession:
     def _step(self, pruner: Any) -> None:
         """Prune one step, naming the group being handled on failure."""
         current: Any = None
+        self._touched = True
         try:
             for group in pruner.step(interactive=True):
                 current = group[0].dep.target.module
