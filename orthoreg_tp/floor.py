@@ -64,6 +64,24 @@ def is_protected(scores: Tensor) -> Tensor:
     return scores >= PROTECTED_SCORE
 
 
+def required_width(group: Any) -> int:
+    """The fewest input channels any layer of ``group`` can run with (0: no such limit).
+
+    A layer pruner may define ``min_in_channels(layer) -> int`` (timm's ``ScaledStdConv2d`` standardizes each
+    filter over its fan-in, so a 1x1 one needs two input channels); the floor never goes below it.
+
+    Example:
+        >>> required_width([])
+        0
+    """
+    need = 0
+    for dep, _ in group:
+        rule = getattr(_compat.handler_pruner(dep.handler), "min_in_channels", None)
+        if rule is not None and not _compat.handler_direction(dep.handler):
+            need = max(need, int(rule(dep.target.module)))
+    return need
+
+
 class LayerFloor:
     """Applies the floor to a group's scores, remembering each root layer's original width by name.
 
@@ -91,7 +109,7 @@ class LayerFloor:
             return 0
         name = _compat.layer_name(group, group[0].dep.target.module)
         initial = self.initial_widths.setdefault(name, width)
-        return min(keep_floor(initial, self.min_keep_ratio), width)
+        return min(max(keep_floor(initial, self.min_keep_ratio), required_width(group)), width)
 
     def __call__(self, group: Any, scores: Tensor) -> Tensor:
         """``scores`` with the group's best :meth:`count` channels protected (see :func:`protect_best`)."""

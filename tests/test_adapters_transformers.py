@@ -299,6 +299,20 @@ def test_hf_vision_models_pruned_in_depth(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- segmentation
+def test_hf_dinov2_classifier_reads_the_stream_twice() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    # the classifier reads cat([cls token, mean of the patch tokens], dim=1): the stream's channels twice
+    model = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**_SMALL, mlp_ratio=2)).eval()
+    x = torch.randn(1, 3, 32, 32)
+
+    report = prune(model, x, importance=tp.importance.GroupMagnitudeImportance(), ratio=0.5)
+
+    width = model.dinov2.layernorm.normalized_shape[0]
+    assert report.frozen == () and width < 64 and model.classifier.in_features == 2 * width
+    assert model(x).logits.shape == (1, 2) and report.params_fraction < 0.6
+
+
 @pytest.mark.parametrize("arch", [pytest.param("Unet", marks=pytest.mark.slow), "FPN", "DeepLabV3Plus"])
 def test_smp_models_pruned(arch: str) -> None:
     smp = pytest.importorskip("segmentation_models_pytorch")

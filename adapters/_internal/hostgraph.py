@@ -530,9 +530,10 @@ class RobustDependencyGraph(tp.DependencyGraph):
             if None not in sizes:
                 module.concat_sizes = sizes
         sizes = getattr(module, "concat_sizes", None)
+        # (the host disables every concat's mapping when a model has unwrapped parameters, for the token concat of
+        # a class token; one read by layers of the summed width is a channel concat: DINOv2's cls + mean classifier)
         if (
-            node.enable_index_mapping
-            and getattr(node.grad_fn, "_saved_dim", None) == 1
+            getattr(node.grad_fn, "_saved_dim", None) == 1
             and sizes is not None
             and None not in sizes
             and len(sizes) == len(node.inputs)
@@ -814,9 +815,10 @@ def _saved_dim(grad_fn: Any, ndim: int) -> int | None:
 def _is_channel_slice(graph: Any, node: Any) -> bool | None:
     """Whether a slice cuts the channel dim (``None``: its autograd node saved no shape).
 
-    A slice of a concatenation along the same dim is one (DPN's ``x[:, :c]`` of the previous block's output,
-    whose producer width torch-pruning cannot infer through the concat); otherwise the sliced dim must have the
-    producer's channel count (LeViT's spatial ``x[:, ::2]`` has not).
+    A slice of an NCHW (or ``[B, C]``) concatenation along the channel dim is one (DPN's ``x[:, :c]`` of the
+    previous block's output, whose producer width torch-pruning cannot infer through the concat); on token
+    tensors ``[B, N, C]`` dim 1 is the tokens (CrossViT's ``cat((cls, patches), dim=1)[:, 0:1]``). Otherwise the
+    sliced dim must have the producer's channel count (LeViT's spatial ``x[:, ::2]`` has not).
     """
     sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
     if sizes is None:
@@ -825,7 +827,8 @@ def _is_channel_slice(graph: Any, node: Any) -> bool | None:
     if dim is None:
         return None
     for src in node.inputs:
-        if src.type == ops.OPTYPE.CONCAT and _saved_dim(src.grad_fn, len(sizes)) == dim:
+        if (src.type == ops.OPTYPE.CONCAT and len(sizes) in (2, 4) and dim == 1
+                and _saved_dim(src.grad_fn, len(sizes)) == dim):
             return True
     return _producer_channels(graph, node) == int(sizes[dim])
 

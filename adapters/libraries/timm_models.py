@@ -15,6 +15,7 @@ Attention strategy, per class (all decided here, none in the core):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import timm
@@ -28,6 +29,7 @@ import timm.models.cspnet
 import timm.models.davit
 import timm.models.dpn
 import timm.models.efficientvim
+import timm.models.efficientvit_mit
 import timm.models.fasternet
 import timm.models.focalnet
 import timm.models.inception_next
@@ -41,6 +43,7 @@ import timm.models.shvit
 import timm.models.swin_transformer
 import timm.models.swin_transformer_v2
 import timm.models.swin_transformer_v2_cr
+import timm.models.tnt
 import timm.models.vision_transformer_relpos
 import torch
 import torch.nn as nn
@@ -203,6 +206,11 @@ class ScaledStdConvPruner(tp.pruner.function.ConvPruner):
         super().prune_out_channels(layer, idxs)
         layer.gain = self._prune_parameter_and_grad(layer.gain, keep, 0)
         return layer
+
+    def min_in_channels(self, layer: nn.Module) -> int:
+        """Input channels the layer needs: each filter is standardized over its fan-in, which needs two values."""
+        fan_in_per_channel = math.prod(layer.kernel_size)
+        return layer.groups * math.ceil(2 / fan_in_per_channel)
 
 
 @register_module_adapter(timm.layers.ScaledStdConv2d, timm.layers.ScaledStdConv2dSame)
@@ -488,6 +496,38 @@ def _single_head_attention(module: nn.Module, name: str, ctx: AdapterContext) ->
     # partial input width must equal the value width, and q/k meet in a matmul torch-pruning does not couple.
     # One attribute for two independently pruned widths: keep the block and the stream it reads.
     return frozen_block(module, "input split and value reshape share pdim", keep_input=True)
+
+
+@register_module_adapter(timm.models.efficientvit_mit.LiteMLA)
+def _lite_mla(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    # forward reshapes the concatenated multi-scale q/k/v to (B, -1, 3 * self.dim, H * W): each head's q, k and v
+    # are self.dim channels, fixed at construction. The grouped 1x1 conv of each scale (groups = 3 * heads) makes
+    # torch-pruning prune the same positions of every q/k/v chunk, so the pruned chunk width is the new dim.
+    convs = [op[-1] for op in module.aggreg if isinstance(op, nn.Sequential) and isinstance(op[-1], nn.Conv2d)]
+    if not convs or len(convs) != len(module.aggreg) or convs[0].groups % 3:
+        return None
+    chunks = convs[0].groups  # 3 * heads
+
+    def fix(mod: nn.Module, _ctx: FixupContext) -> None:
+        width = mod.aggreg[0][-1].out_channels
+        if width % chunks:
+            raise ValueError(f"q/k/v width {width} is not a multiple of {chunks} chunks")
+        mod.dim = width // chunks
+
+    return SpecPart(fixups=[Fixup(name, "LiteMLA: q/k/v chunk width (dim) from the pruned convs", fix)])
+
+
+@register_module_adapter(timm.models.tnt.PixelEmbed)
+def _tnt_pixel_embed(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart | None:
+    # The inner (pixel) stream is reshaped with the cached in_dim here and flattened channels-last into each block's
+    # proj ((B * N, P, C) -> (B, N, P * C): feature p * C + c), a coupling torch-pruning maps as identity (the
+    # proj would lose k features where the stream loses k * P). The stream keeps its width; the pixel blocks'
+    # attention and MLP hidden widths and the outer (patch) stream stay prunable.
+    proj = getattr(module, "proj", None)
+    if not isinstance(proj, nn.Conv2d):
+        return None
+    return SpecPart(ignored_layers=[proj], handled={id(module), id(proj)},
+                    notes=[f"{name}: TNT pixel stream width kept (flattened channels-last into each block's proj)"])
 
 
 @register_module_adapter(timm.models.metaformer.Scale)
