@@ -112,7 +112,7 @@ class SensitivityResult:
             >>> r = SensitivityResult(rows=[{"group": 0, "root": "a", "layers": ["a"], "level": 0.5,
             ...                              "loss_delta": 0.3, "status": "ok"}], baseline_loss=1.0)
             >>> print(r.summary().splitlines()[2])
-              1. a  loss +0.3000 at 50% removed
+              1. a  loss +0.3 at 50% removed
         """
         groups = self.groups()
         ranked = [g for g in groups if g["sensitivity"] is not None]
@@ -268,7 +268,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 def _group_line(rank: int, g: dict[str, Any]) -> str:
     extra = f" (+{len(g['layers']) - 1} coupled)" if len(g["layers"]) > 1 else ""
-    return f"  {rank}. {g['root']}{extra}  loss {g['sensitivity']:+.4f} at {100 * g['level']:.0f}% removed"
+    return f"  {rank}. {g['root']}{extra}  loss {g['sensitivity']:+.4g} at {100 * g['level']:.0f}% removed"
 
 
 def rows_for_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
