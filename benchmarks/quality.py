@@ -8,9 +8,9 @@ CIFAR ResNet-18-style network at CPU widths) and seed,
   for the same ``ortho`` epochs, so both dense models have had the same budget;
 * **iterative**: per criterion, rounds that each prune (global ranking with the per-layer floor, through
   ``orthoreg_tp.adapters.prune(..., target=("macs", f))``) to ``dense MACs / s`` for s = 2, 4, 8, then fine-tune
-  the same ``finetune`` epochs; the test accuracy is recorded there. Before the next round every criterion trains
-  ``between`` epochs more: orthoreg with its regularizer (as the method re-regularizes before each estimate),
-  the others plainly;
+  the same ``finetune`` epochs (orthoreg with its regularizer, as it re-regularizes before every estimate; the
+  others plainly); the test accuracy is recorded there. ``between`` epochs (0 in the CPU presets) may be added
+  before each later round, regularized for orthoreg;
 * **early-bird tickets** (orthoreg, fisher, bn): a short training (``eb_train``; regularized for orthoreg), one
   prune by 25 / 50 / 75% of the filters, then the ticket is retrained ``eb_retrain`` epochs; each ticket's MACs
   are recorded, so tickets can be compared at equal cost.
@@ -65,26 +65,31 @@ PHASES = ("base", "ortho", "finetune", "between", "eb_train", "eb_retrain")
 # "smoke" is the test's (seconds, on digits).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
-        "eb_models": ["resnet18"],
-        "width": 0.125,  # VGG-13 8..64 channels, ResNet-18 8..64: a 32x32 epoch of 4,000 images in seconds on 1 core
-        "train_images": 4000, "test_images": None,  # a fixed random subset of the training set; the whole test set
+        "device": "cpu", "workers": 2,
+        "eb_models": ["vgg13"],  # the cheaper model: tickets of both fit no 60-minute run on 2 shared cores
+        "width": 0.125,  # VGG-13 8..64 channels, ResNet-18 8..64
+        "train_images": 3000, "test_images": 1175,  # fixed random subsets (of 11,750 and 2,350)
         "seeds": [0, 1, 2], "batch_size": 64, "importance_samples": 1000,
-        "phases": {"base": "0.1:6,0.01:2", "ortho": "0.1:2,0.01:1", "finetune": "0.01:2,0.001:1",
-                   "between": "0.05:1", "eb_train": "0.1:3", "eb_retrain": "0.1:3,0.01:2,0.001:1"},
+        # lr 0.02: at 0.1 both width-0.125 models stayed at chance for 6 epochs on chars
+        "phases": {"base": "0.02:7,0.002:1", "ortho": "0.02:1,0.002:1", "finetune": "0.01:1",
+                   "between": "0.01:0", "eb_train": "0.02:3", "eb_retrain": "0.02:3,0.002:1"},
     },
     "quick": {
-        "eb_models": ["resnet18"], "width": 0.125, "train_images": 1500, "test_images": 1000, "seeds": [0],
+        "device": "cpu", "workers": 2,
+        "eb_models": ["vgg13"], "width": 0.125, "train_images": 1500, "test_images": 1175, "seeds": [0],
         "batch_size": 64, "importance_samples": 500,
-        "phases": {"base": "0.1:4,0.01:1", "ortho": "0.1:1,0.01:1", "finetune": "0.01:1,0.001:1",
-                   "between": "0.05:1", "eb_train": "0.1:2", "eb_retrain": "0.1:2,0.01:1"},
+        "phases": {"base": "0.02:5,0.002:1", "ortho": "0.02:1", "finetune": "0.01:1",
+                   "between": "0.01:0", "eb_train": "0.02:2", "eb_retrain": "0.02:2,0.002:1"},
     },
     "gpu": {
+        "device": "cuda", "workers": 1,
         "eb_models": list(MODELS), "width": 0.5, "train_images": None, "test_images": None, "seeds": [0, 1, 2],
         "batch_size": 128, "importance_samples": 10_000,  # the paper's
-        "phases": {"base": "0.1:30,0.01:10,0.001:5", "ortho": "0.1:8,0.01:2", "finetune": "0.01:8,0.001:2",
-                   "between": "0.05:3", "eb_train": "0.1:10", "eb_retrain": "0.1:20,0.01:10,0.001:5"},
+        "phases": {"base": "0.02:30,0.002:10", "ortho": "0.02:8,0.002:2", "finetune": "0.01:8,0.001:2",
+                   "between": "0.01:0", "eb_train": "0.02:10", "eb_retrain": "0.02:30,0.002:10"},
     },
     "smoke": {
+        "device": "cpu", "workers": 1,
         "eb_models": list(MODELS), "width": 0.0625, "train_images": 128, "test_images": 128, "seeds": [0],
         "batch_size": 64, "importance_samples": 64,
         "phases": {"base": "0.05:1", "ortho": "0.05:1", "finetune": "0.01:1", "between": "0.01:1",
@@ -120,11 +125,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{phase.replace('_', '-')}", dest=phase, default=None, metavar="LR:EPOCHS,...",
                        help=f"schedule of the {phase} phase (preset)")
     g = p.add_argument_group("execution")
-    g.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="preset: cuda for gpu, else cpu")
     g.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
-    g.add_argument("--workers", type=int, default=2, help="worker processes (1: run in this process)")
+    g.add_argument("--workers", type=int, default=None, help="worker processes (1: in this process; preset)")
     g.add_argument("--output-dir", default=str(RESULTS), help="where NAME.{json,md,png,runs.jsonl} go")
-    g.add_argument("--cache-dir", default=None, help="dense-model cache (default: OUTPUT_DIR/.NAME_cache)")
+    g.add_argument("--cache-dir", default=None, help="dense-model cache (default: ~/.cache/orthoreg_tp/quality)")
     g.add_argument("--name", default="quality")
     g.add_argument("--report-only", action="store_true", help="rewrite the tables from the records; train nothing")
     return p
@@ -135,7 +140,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.quick:
         args.preset = "quick"
     preset = PRESETS[args.preset]
-    for key in ("eb_models", "width", "train_images", "test_images", "seeds", "batch_size", "importance_samples"):
+    for key in ("device", "workers", "eb_models", "width", "train_images", "test_images", "seeds", "batch_size",
+                "importance_samples"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     for phase in PHASES:
@@ -183,21 +189,32 @@ def _subset(dataset: Any, count: int | None, seed: int) -> Dataset:
     return Subset(dataset, torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].tolist())
 
 
-def data_fingerprint(args: argparse.Namespace) -> str:
-    """A hash of the data's size, classes and first test images: records made on other data are not reused."""
+def prepare_data(args: argparse.Namespace) -> str:
+    """Build the data once and freeze it for the workers (``data.pt`` in the cache); return its fingerprint.
+
+    The fingerprint (sizes, classes, the first test images) enters the configuration hash, so records made on other
+    data are not reused; the workers read the frozen file, so a dataset changed on disk mid-run cannot mix in.
+    """
     train, test, info = build_datasets(args.dataset, data_path=args.data_path, image_size=args.image_size,
                                        in_chans=3)
+    train, test = _subset(train, args.train_images, 1234), _subset(test, args.test_images, 4321)
     digest = hashlib.sha1(f"{len(train)} {len(test)} {info.num_classes}".encode())
     for i in range(min(32, len(test))):
         x, y = test[i]
         digest.update(torch.as_tensor(x).numpy().tobytes() + str(int(y)).encode())
-    return digest.hexdigest()[:10]
+    args.data_fingerprint = digest.hexdigest()[:10]
+    path = cache_dir(args) / "data.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"train": train, "test": test, "num_classes": info.num_classes}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return args.data_fingerprint
 
 
 def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
-    train, test, info = build_datasets(args.dataset, data_path=args.data_path, image_size=args.image_size,
-                                       in_chans=3)
-    return _subset(train, args.train_images, 1234), _subset(test, args.test_images, 4321), info.num_classes
+    """The frozen data of :func:`prepare_data` (written by this benchmark: not untrusted input)."""
+    data = torch.load(cache_dir(args) / "data.pt", weights_only=False)
+    return data["train"], data["test"], data["num_classes"]
 
 
 class Bench:
@@ -332,7 +349,10 @@ def dense_models(bench: Bench, records: Records, cache: Path, name: str, seed: i
 
 
 def run_iterative(bench: Bench, dense: nn.Module, method_name: str, *, seed: int) -> dict[str, Any]:
-    """Rounds to each speed-up: (between-training,) prune to the MACs budget, fine-tune, record the accuracy."""
+    """Rounds to each speed-up: (between-training,) prune to the MACs budget, fine-tune, record the accuracy.
+
+    orthoreg fine-tunes with its regularizer (weight decay 0), the others plainly: the same epochs for all.
+    """
     torch.manual_seed(seed)
     model = copy.deepcopy(dense)
     method = get_method(method_name)
@@ -352,7 +372,7 @@ def run_iterative(bench: Bench, dense: nn.Module, method_name: str, *, seed: int
             logger.warning("%s seed %d: %gx failed: %s", method_name, seed, speedup, err)
             break
         row["acc_pruned"] = bench.accuracy(model)
-        bench.train(model, "finetune", seed=seed * 100 + k)
+        bench.train(model, "finetune", seed=seed * 100 + k, regularized=method.regularized)
         macs, params = bench.cost(model)
         rounds.append({**row, "macs": macs, "params": params, "speedup": dense_macs / macs,
                        "accuracy": bench.accuracy(model)})
@@ -430,7 +450,7 @@ def records_path(args: argparse.Namespace) -> Path:
 
 
 def cache_dir(args: argparse.Namespace) -> Path:
-    return Path(args.cache_dir or Path(args.output_dir) / f".{args.name}_cache") / config_hash(args)
+    return Path(args.cache_dir or Path.home() / ".cache" / "orthoreg_tp" / "quality") / config_hash(args)
 
 
 def expected_keys(args: argparse.Namespace) -> list[str]:
@@ -445,11 +465,12 @@ def expected_keys(args: argparse.Namespace) -> list[str]:
 
 
 def tasks_of(args: argparse.Namespace, done: set[str]) -> list[tuple[str, str, int]]:
-    """Unfinished tasks, the costliest (ResNet, iterative) first so two workers end together."""
+    """Unfinished tasks, seed by seed (a cut-short run still has whole seeds), the costliest (ResNet) first."""
     tasks = []
-    for name in sorted(args.models, key=lambda n: n != "resnet18"):
+    models = sorted(args.models, key=lambda n: n != "resnet18")
+    for seed in args.seeds:
         for kind in ("iterative", "earlybird"):
-            for seed in args.seeds:
+            for name in models:
                 prefix = run_key(kind, name, seed) + "/"
                 if any(k.startswith(prefix) and k not in done for k in expected_keys(args)):
                     tasks.append((kind, name, seed))
@@ -628,7 +649,7 @@ def main(args: argparse.Namespace) -> bool:
     """Run every unfinished task (in ``--workers`` processes), then write the report; return completeness."""
     args = resolve(args)
     torch.set_num_threads(args.threads)
-    args.data_fingerprint = data_fingerprint(args)
+    prepare_data(args)
     start = time.perf_counter()
     records = Records(records_path(args), config_hash(args))
     logger.info("quality: preset %s, config %s, records %s", args.preset, records.hash, records.path)

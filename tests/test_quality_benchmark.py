@@ -18,7 +18,7 @@ SCRIPT = ROOT / "benchmarks" / "quality.py"
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(SCRIPT), "--preset", "smoke", "--dataset", "digits", "--models", "vgg13",
            "--methods", "orthoreg", "l1", "--speedups", "2", "4", "--eb-methods", "bn", "--eb-percents", "50",
-           "--workers", "1", "--output-dir", str(out), *extra]
+           "--workers", "1", "--output-dir", str(out), "--cache-dir", str(out / "cache"), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
