@@ -126,3 +126,12 @@ def test_bad_counts(kwargs, match):
 def test_render_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         render_chars(**kwargs)
+
+
+def test_recipes_accept_chars_and_keep_it_in_memory():
+    import argparse
+
+    from orthoreg_tp.engine.config import RecipeConfig, add_common_args
+
+    assert RecipeConfig(dataset="chars").resolved().workers == 0
+    assert add_common_args(argparse.ArgumentParser()).parse_args(["--dataset", "chars"]).dataset == "chars"

@@ -268,7 +268,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help="registered model, timm:NAME or torchvision:NAME")
     g.add_argument("--dataset", default=d.dataset, choices=DATASETS)
-    g.add_argument("--data-path", default=None, help="dataset root (CIFAR: where to find/download it)")
+    g.add_argument("--data-path", default=None, help="dataset root (CIFAR: where to find/download it; chars: cache)")
     g.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR")
     g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--in-chans", type=int, default=d.in_chans, choices=(1, 3))
