@@ -105,3 +105,12 @@ def test_checkpoint_helpers_report_missing_files(tmp_path):
     model = _model()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_pruned_checkpoint(copy.deepcopy(model), tmp_path, X)
+
+
+def test_transformers_callback_adopts_a_checkpoint_history(tmp_path):
+    pytest.importorskip("transformers")
+    from orthoreg_tp.integrations.transformers import OrthoRegCallback
+
+    (tmp_path / "orthoreg_tp.json").write_text('{"history": [["0", true, [1, 2]]], "pruned": true}')
+    cb = OrthoRegCallback(prune_epoch=0, ratio=0.5, example_inputs=X).load_history(tmp_path)
+    assert cb.core.history == [["0", True, [1, 2]]] and not cb.core.should_prune(0)

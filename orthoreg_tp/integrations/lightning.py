@@ -66,6 +66,7 @@ class OrthoRegCallback(pl.Callback):
     def __init__(
         self,
         coefficient: float = 1e-2,
+        *,
         every: int = 1,
         prune_epoch: int | None = None,
         ratio: float | None = None,

@@ -76,6 +76,7 @@ class OrthoRegCallback(TrainerCallback):
     def __init__(
         self,
         coefficient: float = 1e-2,
+        *,
         every: int = 1,
         prune_epoch: int | None = None,
         ratio: float | None = None,
