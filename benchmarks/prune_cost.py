@@ -203,13 +203,18 @@ def main(args: argparse.Namespace) -> None:
         res = results[name]
         print(f"{name}: " + ", ".join(f"{m} {res[m].get('wall_s', res[m].get('error'))}" for m in METHODS),
               flush=True)
+        _write(results, None, args)  # a partial table survives an interrupted run
     det = detection(args) if args.detection else None
+    print(_write(results, det, args))
+
+
+def _write(results: dict[str, dict[str, Any]], det: dict[str, Any] | None, args: argparse.Namespace) -> str:
     rows, stats = summarize(results)
     md = write_markdown(rows, stats, args, det)
     payload = {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "summary": stats,
                "results": results, "detection": det, "machine_at_end": machine()}
     write_results(args.name, payload, md)
-    print(md)
+    return md
 
 
 if __name__ == "__main__":
