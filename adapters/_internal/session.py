@@ -165,8 +165,10 @@ class PruneSession:
         self._ranking: Ranking | None = None
         self._ranked_graph: Any = None  # the ranking's unpruned graph, reused by the next attempt
         self._touched = False  # pruned since the snapshot was last restored
-        # the reference pass, from which the first graph is built (unless the user traces with their own forward)
-        self._recording = reference.recording if "forward_fn" not in pruner_kwargs else None
+        # the reference pass, from which the first graph is built (unless the user traces with their own forward,
+        # or the spec traces with attributes set: fused attention off, a training-only branch on)
+        own_forward = "forward_fn" in pruner_kwargs or bool(spec.trace_attrs)
+        self._recording = reference.recording if not own_forward else None
 
     # ------------------------------------------------------------------ building blocks
     def _restore(self) -> None:
