@@ -245,8 +245,32 @@ def test_a_given_non_fisher_importance_ranks_without_prediction() -> None:
                          importance=tp.importance.GroupMagnitudeImportance())
     assert result.importance == "GroupMagnitudeImportance"
     assert all(r["predicted_loss_delta"] is None for r in result.rows)
+    before = _fingerprint(model)
     with pytest.raises(RuntimeError, match="no accumulated"):
         sensitivity(model, torch.randn(1, 3, 16, 16), _batches(), importance=OrthoRegImportance(), progress=False)
+    _assert_unharmed(model, before)
+
+
+class _Stop(BaseException):
+    pass
+
+
+def test_an_interruption_during_a_trial_leaves_the_model_unharmed() -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny_resnet", num_classes=10)
+    before = _fingerprint(model)
+    calls = []
+
+    def loss_fn(output, target):
+        calls.append(1)
+        if len(calls) == 7:  # 2 baseline batches, then the trials' batches: stops inside the third trial
+            raise _Stop
+        return default_loss(output, target)
+
+    with pytest.raises(_Stop):
+        sensitivity(model, torch.randn(1, 3, 16, 16), _batches(), loss_fn=loss_fn, progress=False,
+                    importance=tp.importance.GroupMagnitudeImportance())
+    _assert_unharmed(model, before)
 
 
 # ----------------------------------------------------------------------------------------------- results
