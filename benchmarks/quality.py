@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, command, machine_line, markdown_table, resolve_device, write_results
+from _common import RESULTS, command, machine, machine_line, markdown_table, resolve_device, write_results
 from orthoreg_tp.adapters import PruningError, prune
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -132,6 +132,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None, help="dense-model cache (default: ~/.cache/orthoreg_tp/quality)")
     g.add_argument("--name", default="quality")
     g.add_argument("--report-only", action="store_true", help="rewrite the tables from the records; train nothing")
+    g.add_argument("--config-hash", default=None,
+                   help="with --report-only: report the records of this configuration hash (e.g. made on data "
+                        "that has changed since)")
     return p
 
 
@@ -203,6 +206,7 @@ def prepare_data(args: argparse.Namespace) -> str:
         x, y = test[i]
         digest.update(torch.as_tensor(x).numpy().tobytes() + str(int(y)).encode())
     args.data_fingerprint = digest.hexdigest()[:10]
+    args.data_source = getattr(info, "source", None)
     path = cache_dir(args) / "data.pt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -505,7 +509,8 @@ def _pick(rows: Sequence[Mapping[str, Any]], **match: Any) -> list[Mapping[str, 
     return [r for r in rows if all(r.get(k) == v for k, v in match.items()) and r.get("accuracy") is not None]
 
 
-def iterative_table(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace, name: str) -> str:
+def iterative_table(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace, name: str, *,
+                    field: str = "accuracy") -> str:
     header = ["method", "dense acc %"] + [f"{s:g}x acc % (achieved)" for s in args.speedups]
     body = []
     for method in args.methods:
@@ -514,7 +519,7 @@ def iterative_table(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace,
         for s in args.speedups:
             got = _pick(rows, kind="iterative", model=name, method=method, target_speedup=s)
             achieved = f" ({statistics.mean(r['speedup'] for r in got):.2f}x)" if got else ""
-            line.append(mean_std([r["accuracy"] for r in got]) + achieved)
+            line.append(mean_std([r[field] for r in got]) + achieved)
         body.append(line)
     return markdown_table(header, body)
 
@@ -590,58 +595,73 @@ def plot(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace, path: Path
     plt.close(fig)
 
 
-def write_report(args: argparse.Namespace, records: Records, wall: float) -> bool:
-    """Rewrite NAME.json / NAME.md / NAME.png from the records; return whether every expected run is there."""
+def write_report(args: argparse.Namespace, records: Records, wall: float,
+                 prior: Mapping[str, Any] | None = None) -> bool:
+    """Rewrite NAME.json / NAME.md / NAME.png from the records; return whether every expected run is there.
+
+    ``prior``: the command, machine and wall time of the run that made the records (``--report-only``).
+    """
     recs = records.load()
     rows = flat_rows(recs)
     done = {r["key"] for r in recs}
     missing = [k for k in expected_keys(args) if k not in done]
-    complete = not missing
-    compute = sum(r.get("seconds", 0.0) for r in recs)
-    status = "complete" if complete else f"PARTIAL: {len(expected_keys(args)) - len(missing)} of " \
-                                         f"{len(expected_keys(args))} runs finished"
+    run = {"command": command(), "machine": machine(), "wall_seconds": wall, **(prior or {})}
+    run["run_seconds"] = sum(r.get("seconds", 0.0) for r in recs)
+    payload = {"status": "partial" if missing else "complete", "missing": missing, "preset": args.preset,
+               "config": {**config_of(args), "models": args.models, "eb_models": args.eb_models,
+                          "methods": args.methods, "seeds": args.seeds,
+                          "eb_methods": args.eb_methods, "eb_percents": args.eb_percents, "workers": args.workers,
+                          "threads": args.threads},
+               "config_hash": records.hash,
+               "data": {"fingerprint": args.data_fingerprint, "source": getattr(args, "data_source", None)},
+               **run, "runs": rows}
+    out = Path(args.output_dir)
+    write_results(args.name, payload, report_markdown(rows, args, run, len(expected_keys(args)) - len(missing)), out)
+    if rows:
+        plot(rows, args, out / f"{args.name}.png")
+    return not missing
+
+
+def report_markdown(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace, run: Mapping[str, Any],
+                    finished: int) -> str:
+    total = len(expected_keys(args))
+    status = "complete" if finished == total else f"PARTIAL: {finished} of {total} runs finished"
     sections = [f"### Quality benchmark ({args.dataset}, {args.image_size}x{args.image_size}, preset "
-                f"`{args.preset}`) -- {status}",
-                describe(args)]
+                f"`{args.preset}`) -- {status}", describe(args)]
     for name in args.models:
-        sections += [f"#### {name}: iterative pruning to MACs speed-ups (test accuracy %, mean ± std over seeds)",
-                     iterative_table(rows, args, name)]
+        sections += [f"#### {name}: iterative pruning to MACs speed-ups (test accuracy % after the fine-tune, "
+                     "mean ± std over seeds; achieved speed-up)", iterative_table(rows, args, name),
+                     f"{name}, the same rounds right after pruning, before the fine-tune:",
+                     iterative_table(rows, args, name, field="acc_pruned")]
         if name in args.eb_models:
             sections += [f"#### {name}: early-bird tickets (test accuracy % after retraining; ticket MACs "
                          "speed-up)", earlybird_table(rows, args, name)]
     gaps = orthoreg_gaps(rows, args)
     if gaps:
-        sections += ["#### Where orthoreg stands (mean accuracy)", "\n".join(gaps)]
-    sections.append(f"Command: `{command()}`  \nMachine: {machine_line()}.  \nWall time of this invocation "
-                    f"{wall / 60:.1f} min; the runs' own times sum to {compute / 60:.1f} min (over "
-                    f"{args.workers} worker process(es), {args.threads} thread(s) each; dense and short trainings "
-                    "not included).")
-    payload = {"status": "complete" if complete else "partial", "missing": missing, "preset": args.preset,
-               "config": {**config_of(args), "models": args.models, "eb_models": args.eb_models,
-                          "methods": args.methods, "seeds": args.seeds,
-                          "eb_methods": args.eb_methods, "eb_percents": args.eb_percents, "workers": args.workers,
-                          "threads": args.threads},
-               "config_hash": records.hash, "wall_seconds": wall, "run_seconds": compute, "runs": rows}
-    out = Path(args.output_dir)
-    write_results(args.name, payload, "\n\n".join(sections), out)
-    if rows:
-        plot(rows, args, out / f"{args.name}.png")
-    return complete
+        sections += ["#### Where orthoreg stands (mean accuracy after the fine-tune)", "\n".join(gaps)]
+    sections.append(f"Command: `{run['command']}`  \nMachine: {machine_line(run['machine'])}.  \nWall time "
+                    f"{run['wall_seconds'] / 60:.1f} min; the runs' own times sum to {run['run_seconds'] / 60:.1f} "
+                    f"min (over {args.workers} worker process(es), {args.threads} thread(s) each; dense and short "
+                    "trainings not included).")
+    return "\n\n".join(sections)
 
 
 def describe(args: argparse.Namespace) -> str:
     n_train = args.train_images or "all"
     n_test = args.test_images or "all"
+    between = "no training between rounds" if LRSchedule.parse(args.between).total_epochs == 0 else \
+        f"`{args.between}` more before each later round (regularized for orthoreg)"
     return (f"Models: VGG-13 (conv-ReLU-BN) and CIFAR ResNet-18 (BasicBlocks [2, 2, 2, 2]) at width x{args.width:g}; "
-            f"{n_train} training images (a fixed random subset), {n_test} test images; seeds {args.seeds}; SGD "
-            f"momentum 0.9, batch {args.batch_size}, weight decay 1e-4 (0 with the regularizer, lambda "
-            f"{args.coefficient:g}). Dense: `base` {args.base} shared, then `ortho` {args.ortho} plainly (fisher, "
-            f"taylor, l1, bn, random share this model per seed) or regularized (orthoreg). Iterative: per round a "
-            f"MACs budget (dense / s), global ranking with the per-layer floor, fine-tune `{args.finetune}`, "
-            f"accuracy recorded; `{args.between}` more before the next round (regularized for orthoreg). Importance "
-            f"from {args.importance_samples} training samples. Early-bird: `{args.eb_train}` (regularized for "
-            f"orthoreg; fisher and bn share the plain one), one prune by % of filters, ticket retrained "
-            f"`{args.eb_retrain}`. n = seeds per cell (3 unless shown).")
+            f"{n_train} training images (a fixed random subset), {n_test} test images (a fixed random subset); seeds "
+            f"{args.seeds}; SGD momentum 0.9, batch {args.batch_size}, weight decay 1e-4 (0 with the regularizer, "
+            f"lambda {args.coefficient:g}). Dense: `base` {args.base} shared, then `ortho` {args.ortho} plainly "
+            f"(fisher, taylor, l1, bn, random share this model per seed) or regularized (orthoreg). Iterative: per "
+            f"round a MACs budget (at most dense / s), global ranking of raw scores with the per-layer floor "
+            f"(int(0.05 width) + 1), then fine-tune `{args.finetune}` (orthoreg with its regularizer), accuracy "
+            f"recorded; {between}. Importance from {args.importance_samples} training samples. Early-bird "
+            f"({', '.join(args.eb_models)}): `{args.eb_train}` (regularized for orthoreg; fisher and bn share the "
+            f"plain one), one prune by % of filters, ticket retrained `{args.eb_retrain}` plainly. n = seeds per "
+            "cell (3 unless shown).")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -651,7 +671,8 @@ def main(args: argparse.Namespace) -> bool:
     torch.set_num_threads(args.threads)
     prepare_data(args)
     start = time.perf_counter()
-    records = Records(records_path(args), config_hash(args))
+    records = Records(records_path(args), args.config_hash if args.report_only and args.config_hash
+                      else config_hash(args))
     logger.info("quality: preset %s, config %s, records %s", args.preset, records.hash, records.path)
     if not args.report_only:
         tasks = tasks_of(args, records.done())
@@ -669,9 +690,21 @@ def main(args: argparse.Namespace) -> bool:
                 for message in pool.imap_unordered(partial(run_task, args=args), tasks):
                     logger.info(message)
                     write_report(args, records, time.perf_counter() - start)
-    complete = write_report(args, records, time.perf_counter() - start)
+    prior = previous_run(args, records.hash) if args.report_only else None
+    complete = write_report(args, records, time.perf_counter() - start, prior)
     print((Path(args.output_dir) / f"{args.name}.md").read_text())
     return complete
+
+
+def previous_run(args: argparse.Namespace, config_hash: str) -> dict[str, Any] | None:
+    """Command, machine and wall time of the run that wrote ``NAME.json`` for these records, if it did."""
+    path = Path(args.output_dir) / f"{args.name}.json"
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    if old.get("config_hash") != config_hash:
+        return None
+    return {k: old[k] for k in ("command", "machine", "wall_seconds") if k in old}
 
 
 def _init_worker() -> None:
