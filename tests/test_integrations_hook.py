@@ -163,7 +163,10 @@ def test_wrappers_and_bad_arguments():
 
 def test_accelerate_prepared_optimizer_is_unwrapped():
     accelerate = pytest.importorskip("accelerate")
-    accelerator = accelerate.Accelerator(cpu=True)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer run earlier in the session left bf16 set
+    accelerator = accelerate.Accelerator(cpu=True, mixed_precision="no")
     model = _model()
     model, opt = accelerator.prepare(model, SGD(model.parameters()))
     handle = attach(opt, model, coefficient=0.5)
