@@ -9,7 +9,8 @@ import pkgutil
 
 import pytest
 
-OPTIONAL = {"ultralytics", "transformers", "segmentation_models_pytorch", "onnx", "onnxruntime"}
+OPTIONAL = {"ultralytics", "transformers", "segmentation_models_pytorch", "onnx", "onnxruntime", "lightning",
+            "accelerate"}
 
 
 def _module_names() -> list[str]:
