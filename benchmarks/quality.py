@@ -74,12 +74,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "phases": {"base": "0.02:7,0.002:1", "ortho": "0.02:1,0.002:1", "finetune": "0.01:1",
                    "between": "0.01:0", "eb_train": "0.02:3", "eb_retrain": "0.02:3,0.002:1"},
     },
-    "quick": {
+    "quick": {  # the whole pipeline once (one seed, 1,200 images, 5 base epochs): a plumbing check, not a result
         "device": "cpu", "workers": 2,
-        "eb_models": ["vgg13"], "width": 0.125, "train_images": 1500, "test_images": 1175, "seeds": [0],
+        "eb_models": ["vgg13"], "width": 0.125, "train_images": 1200, "test_images": 600, "seeds": [0],
         "batch_size": 64, "importance_samples": 500,
-        "phases": {"base": "0.02:5,0.002:1", "ortho": "0.02:1", "finetune": "0.01:1",
-                   "between": "0.01:0", "eb_train": "0.02:2", "eb_retrain": "0.02:2,0.002:1"},
+        "phases": {"base": "0.02:4,0.002:1", "ortho": "0.02:1", "finetune": "0.01:1",
+                   "between": "0.01:0", "eb_train": "0.02:2", "eb_retrain": "0.02:2"},
     },
     "gpu": {
         "device": "cuda", "workers": 1,
@@ -469,11 +469,12 @@ def expected_keys(args: argparse.Namespace) -> list[str]:
 
 
 def tasks_of(args: argparse.Namespace, done: set[str]) -> list[tuple[str, str, int]]:
-    """Unfinished tasks, seed by seed (a cut-short run still has whole seeds), the costliest (ResNet) first."""
+    """Unfinished tasks: the iterative runs of every seed first (the main table), then the early-bird tickets,
+    seed by seed, the costliest model (ResNet) first; a cut-short run still has whole seeds."""
     tasks = []
     models = sorted(args.models, key=lambda n: n != "resnet18")
-    for seed in args.seeds:
-        for kind in ("iterative", "earlybird"):
+    for kind in ("iterative", "earlybird"):
+        for seed in args.seeds:
             for name in models:
                 prefix = run_key(kind, name, seed) + "/"
                 if any(k.startswith(prefix) and k not in done for k in expected_keys(args)):
