@@ -135,9 +135,13 @@ HF_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
 # segmentation_models_pytorch architectures x encoders, random weights (encoder_weights=None)
 SMP_MODELS = tuple(f"{arch}:{enc}" for arch in ("Unet", "FPN", "DeepLabV3Plus")
                    for enc in ("resnet18", "mobilenet_v2", "efficientnet-b0"))
-# Ultralytics YOLO task models built from their YAML (random weights, nothing downloaded): YOLO(name).model
+# Ultralytics task models built from their YAML (random weights, nothing downloaded): YOLO(name).model, and
+# RTDETR(name).model for RT-DETR (its backbone and encoder convolutions pruned, the decoder kept)
 YOLO_MODELS = ("yolov8n.yaml", "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolov8n-cls.yaml", "yolo11n.yaml",
-               "yolo11n-seg.yaml", "yolo11n-pose.yaml", "yolo11n-cls.yaml", "yolo11n-obb.yaml")
+               "yolo11n-seg.yaml", "yolo11n-pose.yaml", "yolo11n-cls.yaml", "yolo11n-obb.yaml",
+               "yolov5nu.yaml", "yolov9t.yaml", "yolov10n.yaml", "yolo12n.yaml", "yolo26n.yaml", "yolo26n-seg.yaml",
+               "yolo26n-pose.yaml", "rtdetr-l.yaml")
+YOLO_TASKS = ("seg", "pose", "cls", "obb")
 
 
 def _hf_model(name: str) -> tuple[Any, Any]:
@@ -163,7 +167,8 @@ def _yolo_model(name: str) -> tuple[Any, Any]:
     import torch
     import ultralytics
 
-    model = ultralytics.YOLO(name).model.eval()
+    wrapper = ultralytics.RTDETR if name.startswith("rtdetr") else ultralytics.YOLO
+    model = wrapper(name).model.eval()
     return model, torch.randn(1, 3, 64, 64)
 
 
@@ -378,8 +383,13 @@ def _extra_jobs(suites: list[str]) -> list[tuple[str, str, str]]:
     if "smp" in suites:
         jobs += [("smp", name.split(":")[0], name) for name in SMP_MODELS]
     if "ultralytics" in suites:  # family: the task (detect, seg, pose, cls, obb)
-        jobs += [("ultralytics", (name[:-5].split("-") + ["detect"])[1], name) for name in YOLO_MODELS]
+        jobs += [("ultralytics", _yolo_task(name), name) for name in YOLO_MODELS]
     return jobs
+
+
+def _yolo_task(name: str) -> str:
+    suffix = name.removesuffix(".yaml").split("-")[-1]
+    return suffix if suffix in YOLO_TASKS else "detect"
 
 
 def write_markdown(records: list[dict[str, Any]], meta: dict[str, Any], limit_s: float) -> str:

@@ -62,16 +62,24 @@ def _head_outputs(model: nn.Module) -> dict[str, tuple[int, int]]:
         for i, branch in enumerate(getattr(head, attr, ())):
             conv = [m for m in branch.modules() if isinstance(m, nn.Conv2d)][-1]
             out[f"{attr}.{i}"] = (conv.in_channels, conv.out_channels)
-    if getattr(head, "dfl", None) is not None and isinstance(head.dfl, nn.Module):
+    if isinstance(getattr(getattr(head, "dfl", None), "conv", None), nn.Conv2d):  # YOLO26 has none (Identity)
         out["dfl"] = (head.dfl.conv.in_channels, head.dfl.conv.out_channels)
     if getattr(head, "proto", None) is not None:
-        out["proto"] = (head.proto.cv3.conv.out_channels,)
+        out["proto"] = (_last_conv(head.proto).out_channels,)
     return out
+
+
+def _last_conv(module: nn.Module) -> nn.Conv2d:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
 
 
 FAST = ["yolov8n.yaml", "yolo11n-seg.yaml"]
 SLOW = ["yolo11n.yaml", "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolo11n-pose.yaml", "yolov8n-cls.yaml",
-        "yolo11n-cls.yaml", "yolo11n-obb.yaml"]
+        "yolo11n-cls.yaml", "yolo11n-obb.yaml",
+        # the other generations: YOLOv5u, v9, v10 (one-to-one head), 12 (area attention), 26 (no DFL; seg with a
+        # semantic branch that runs in training only)
+        "yolov5nu.yaml", "yolov9t.yaml", "yolov10n.yaml", "yolo12n.yaml", "yolo26n.yaml", "yolo26n-seg.yaml",
+        "yolo26n-pose.yaml"]
 
 
 @pytest.mark.parametrize("cfg", FAST + [pytest.param(c, marks=pytest.mark.slow) for c in SLOW])
@@ -191,3 +199,27 @@ def test_a_prepared_spec_keeps_its_prediction_selector():
     assert spec.select_outputs is yolo_predictions
     report = prune(model, X, ratio=0.5, importance=tp.importance.MagnitudeImportance(), spec=spec)
     assert not report.frozen and report.params_after < 0.6 * report.params_before
+
+
+@pytest.mark.slow
+def test_rtdetr_prunes_its_backbone_and_says_what_is_kept():
+    torch.manual_seed(0)
+    model = ultralytics.RTDETR("rtdetr-l.yaml").model.eval()
+    decoder = model.model[-1]
+    widths = {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    decoder_params = sum(p.numel() for p in decoder.parameters())
+    with torch.no_grad():
+        before = _shapes(yolo_predictions(model(X)))
+
+    report = prune(model, X, ratio=0.5, importance=tp.importance.MagnitudeImportance())
+
+    assert not report.frozen and report.params_after < 0.6 * report.params_before
+    with torch.no_grad():
+        assert _shapes(yolo_predictions(model(X))) == before
+    backbone = [n for n in widths if n.startswith(("model.0.", "model.1.", "model.2."))]
+    assert any(model.get_submodule(n).out_channels < widths[n][1] for n in backbone)  # the backbone is pruned
+    assert sum(p.numel() for p in decoder.parameters()) <= decoder_params  # only input projections' inputs shrink
+    assert all(m.out_channels == widths[n][1] for n, m in decoder.named_modules(prefix="model.28")
+               if isinstance(m, nn.Conv2d))
+    notes = " ".join(report.spec["notes"])
+    assert "RTDETRDecoder: frozen" in notes and "AIFI: frozen" in notes

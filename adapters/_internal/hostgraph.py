@@ -76,6 +76,8 @@ from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.group import Group
 from torch_pruning.pruner import function
 
+from orthoreg_tp._inputs import flatten_tensors
+
 _HOST_MAPPINGS = {
     name: getattr(index_mapping, name)
     for name in ("_FlattenIndexMapping", "_ConcatIndexMapping", "_SplitIndexMapping", "_GQAIndexMapping",
@@ -341,6 +343,8 @@ class RobustDependencyGraph(tp.DependencyGraph):
         used instead of running the model again.
         """
         self.__dict__["_recording"] = recording
+        transform = output_transform  # the host flattens the output and fails on other leaves (RT-DETR's None)
+        output_transform = lambda out: flatten_tensors(transform(out) if transform is not None else out)  # noqa: E731
         self.verbose = verbose
         self.model = model
         self._module2name = {module: name for (name, module) in model.named_modules()}

@@ -113,7 +113,26 @@ def _describe(model: nn.Module, ctx: AdapterContext) -> SpecPart:
     if kept:
         notes.append("ultralytics: eval-mode 'feats' are not predictions (the layers producing them are pruned)")
         notes.append("ultralytics: head output convolutions kept: " + ", ".join(names.get(m, "?") for m in kept))
-    return SpecPart(ignored_layers=kept, notes=notes, fixups=_split_width_fixups(model, names))
+    part = SpecPart(ignored_layers=kept, notes=notes, fixups=_split_width_fixups(model, names))
+    _trace_training_branches(head, part, names)
+    return part
+
+
+def _trace_training_branches(head: nn.Module | None, part: SpecPart, names: dict[nn.Module, str]) -> None:
+    """Trace the prototype module of YOLO26 segmentation in training mode: its semantic branch runs only then.
+
+    ``Proto26.semseg`` reads the fused features the prototypes are made from; traced in eval mode, it would keep
+    its input width while those features shrink (training and the ultralytics trainer would then fail). Its
+    last convolution writes the per-class semantic logits and keeps its width.
+    """
+    proto = getattr(head, "proto", None)
+    semseg = getattr(proto, "semseg", None)
+    if not isinstance(semseg, nn.Module) or (conv := _last_conv(semseg)) is None:
+        return
+    part.trace_attrs.append((proto, "training", True))
+    part.ignored_layers.append(conv)
+    part.notes.append(f"ultralytics: {names.get(proto, 'proto')} traced in training mode (semantic branch), "
+                      f"{names.get(conv, '?')} kept")
 
 
 register_model_adapter(ModelAdapter("ultralytics", is_ultralytics_model, _describe, outputs=yolo_predictions))
@@ -146,3 +165,27 @@ except ImportError:  # pragma: no cover - older ultralytics releases
     _Attention = None
 if _Attention is not None:
     register_module_adapter(_Attention)(_psa_attention)
+
+
+# ------------------------------------------------------------------------------------------------- RT-DETR
+# RT-DETR (``RTDETR("rtdetr-l.yaml").model``): the CNN backbone and the hybrid encoder's convolutions are pruned;
+# the intra-scale attention and the decoder keep their widths (notes in the report's spec).
+def _aifi(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    why = "2D sin-cos position embedding built for the width it reads (divisible by 4), kept with that stream"
+    return frozen_block(module, why, keep_input=True)
+
+
+def _rtdetr_decoder(module: nn.Module, name: str, ctx: AdapterContext) -> SpecPart:
+    why = ("RT-DETR decoder kept whole: deformable attention reshapes its values by a head width fixed at "
+           "construction and queries are gathered by encoder scores; its input projections' inputs still shrink")
+    return frozen_block(module, why)
+
+
+try:
+    from ultralytics.nn.modules.head import RTDETRDecoder as _RTDETRDecoder
+    from ultralytics.nn.modules.transformer import AIFI as _AIFI
+except ImportError:  # pragma: no cover - older ultralytics releases
+    _AIFI = _RTDETRDecoder = None
+if _AIFI is not None:
+    register_module_adapter(_AIFI)(_aifi)
+    register_module_adapter(_RTDETRDecoder)(_rtdetr_decoder)
