@@ -13,6 +13,7 @@ from orthoreg_tp.adapters import prune, restore, snapshot
 from torch import nn
 
 from orthoreg_tp.analyze import SensitivityResult, measure, predicted_deltas, removal_indices, sensitivity
+from orthoreg_tp.analyze.prefix_cache import PrefixCache, changed_modules
 from orthoreg_tp.analyze.result import spearman
 from orthoreg_tp.engine.models import build_model
 from orthoreg_tp.importance import OrthoRegImportance, default_loss
@@ -345,3 +346,34 @@ def test_spearman_against_scipy() -> None:
     b[:5] = [1.0] * 5  # ties get their average rank
     assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
     assert spearman([1.0, 2.0], [3.0, 3.0]) is None
+
+
+# ----------------------------------------------------------------------------------------------- prefix cache
+def test_prefix_cache_reuses_only_unchanged_blocks_with_equal_inputs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).eval()
+    x = torch.randn(5, 3)
+    cache = PrefixCache(model)
+    with cache.recording():
+        y = model(x)
+    with cache.reusing(unchanged=list(model.children())):
+        model(x).add_(1.0)  # a caller editing the output in place does not touch the record
+    with cache.reusing(unchanged=list(model.children())):
+        assert torch.equal(model(x), y) and cache.hits == 3
+    with cache.reusing(unchanged=list(model.children())):
+        model(x + 1.0)  # other inputs: every block runs
+        assert cache.hits == 0
+    assert all("forward" not in vars(m) for m in model.children())
+    snap = snapshot(model)
+    model[2].bias = nn.Parameter(torch.zeros(2))
+    assert changed_modules(snap.modules) == {model[2]}
+
+
+@pytest.mark.parametrize("make", [lambda: build_model("tiny_resnet", num_classes=10), CatNet],
+                         ids=["tiny_resnet", "concat"])
+def test_prefix_cache_gives_the_same_rows(make) -> None:
+    torch.manual_seed(0)
+    model, x, batches = make(), torch.randn(1, 3, 16, 16), _batches()
+    cached = sensitivity(model, x, batches, progress=False)
+    plain = sensitivity(model, x, batches, progress=False, prefix_cache=False)
+    assert [r["loss"] for r in cached.rows] == [r["loss"] for r in plain.rows]

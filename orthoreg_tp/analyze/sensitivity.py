@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -41,6 +42,7 @@ from .. import _compat
 from ..adapters import build_pruner, restore, snapshot
 from ..floor import FloorImportance, is_protected, keep_floor
 from ..importance import OrthoRegImportance, default_loss
+from .prefix_cache import PrefixCache, changed_modules
 from .result import SensitivityResult
 
 __all__ = ["Measurement", "measure", "predicted_deltas", "removal_indices", "sensitivity"]
@@ -328,7 +330,7 @@ def _trial(ctx: _Context, plan: _Group, level: float) -> dict[str, Any]:
         plan.group.prune(idxs=[int(i) for i in idxs])
         ctx.pruner.finalize()
         params_removed = params_before - sum(p.numel() for p in ctx.model.parameters())
-        after = measure(ctx.model, ctx.batches, ctx.loss_fn)
+        after = _measure_trial(ctx, snap)
     except Exception as err:  # noqa: BLE001 - any failure of this group is reported in its row
         return _row(plan, level, removed=int(idxs.numel()), status="failed",
                     note=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300], **predicted)
@@ -345,6 +347,16 @@ def _trial(ctx: _Context, plan: _Group, level: float) -> dict[str, Any]:
                 note="" if math.isfinite(after.loss) else "non-finite loss", **predicted)
 
 
+def _measure_trial(ctx: _Context, snap: Any) -> Measurement:
+    """:func:`measure` the pruned model, reusing the baseline outputs of the top-level blocks it left unchanged."""
+    if ctx.cache is None:
+        return measure(ctx.model, ctx.batches, ctx.loss_fn)
+    changed = changed_modules(snap.modules)
+    unchanged = [c for c in ctx.cache.children if not any(m in changed for m in c.modules())]
+    with ctx.cache.reusing(unchanged):
+        return measure(ctx.model, ctx.batches, ctx.loss_fn)
+
+
 @dataclass
 class _Context:
     model: nn.Module
@@ -354,6 +366,7 @@ class _Context:
     baseline: Measurement
     predicts: bool
     min_keep_ratio: float | None
+    cache: PrefixCache | None
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -388,7 +401,7 @@ def _check_options(levels: Sequence[float], num_batches: int, min_keep_ratio: fl
 def sensitivity(model: nn.Module, example_inputs: Any, data: Iterable, *,
                 levels: Sequence[float] = (0.25, 0.5, 0.75), num_batches: int = 4, loss_fn: LossFn | None = None,
                 importance: Any = None, min_keep_ratio: float | None = 0.05, progress: bool = True,
-                **pruner_kwargs: Any) -> SensitivityResult:
+                prefix_cache: bool = True, **pruner_kwargs: Any) -> SensitivityResult:
     """Prune each dependency group alone at each level, measure the loss and accuracy change, restore it.
 
     The groups are those :func:`orthoreg_tp.adapters.build_pruner` ranks (the adapters' graph, the spec's
@@ -413,6 +426,9 @@ def sensitivity(model: nn.Module, example_inputs: Any, data: Iterable, *,
         min_keep_ratio: Per-layer floor: a group keeps ``int(min_keep_ratio * width) + 1`` channels; ``None``: no
             floor.
         progress: Show a tqdm progress bar.
+        prefix_cache: Reuse the baseline outputs of the model's top-level blocks that a trial leaves unchanged and
+            calls with equal inputs (up to 1 GiB of recorded tensors; see
+            :mod:`orthoreg_tp.analyze.prefix_cache`); ``False``: run every block in every trial.
         **pruner_kwargs: For :func:`~orthoreg_tp.adapters.build_pruner` (``ignored_layers``, ``num_heads``...).
 
     Returns:
@@ -439,7 +455,9 @@ def sensitivity(model: nn.Module, example_inputs: Any, data: Iterable, *,
             importance, kind = _default_importance(model, batches, loss_fn, min_keep_ratio)
         else:
             kind = type(importance).__name__
-        baseline = measure(model, batches, loss_fn)
+        cache = PrefixCache(model) if prefix_cache else None
+        with cache.recording() if cache is not None else contextlib.nullcontext():
+            baseline = measure(model, batches, loss_fn)
         for p in model.parameters():
             p.requires_grad_(True)  # torch-pruning traces the graph through autograd
         pruner = build_pruner(model, example_inputs, importance=importance, pruning_ratio=0.0, **pruner_kwargs)
@@ -447,7 +465,7 @@ def sensitivity(model: nn.Module, example_inputs: Any, data: Iterable, *,
         state.restore_flags()  # frozen parameters stay unscored, as the importance accumulated them
         predicts = isinstance(importance, OrthoRegImportance) and importance.normalizer is None
         plans = _plan(pruner, importance, predicts)
-        ctx = _Context(model, pruner, batches, loss_fn, baseline, predicts, min_keep_ratio)
+        ctx = _Context(model, pruner, batches, loss_fn, baseline, predicts, min_keep_ratio, cache)
         rows = []
         with tqdm(total=len(plans) * len(levels), desc="sensitivity", unit="trial", disable=not progress) as bar:
             for plan in plans:
