@@ -7,6 +7,7 @@ and the parts it is made of (importance accumulation, one evaluation of the batc
 Goal (issue 16): the whole analysis under two minutes on 2 cores.
 
     python benchmarks/sensitivity_cost.py                      # --threads 1,2, ~4 min on 2 (busy) cores
+    python benchmarks/sensitivity_cost.py --threads 1 --no-prefix-cache --name sensitivity_cost_nocache
     python benchmarks/sensitivity_cost.py --device cuda --threads 1 --name sensitivity_cost_gpu
 """
 
@@ -34,6 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--levels", default="0.25,0.5,0.75")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, one process each")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                        help="run every block in every trial (sensitivity(..., prefix_cache=False))")
     parser.add_argument("--name", default="sensitivity_cost", help="result files: benchmarks/results/NAME.{json,md}")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one measurement (internal)
     return parser
@@ -82,7 +85,7 @@ def measure_once(args: argparse.Namespace) -> dict[str, Any]:
         lambda: build_pruner(model, x, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.0), device)
     model, x, batches = _setup(args, device)  # the whole analysis on a fresh model, as a user calls it
     result, wall, cpu = _timed(lambda: sensitivity(model, x, batches, levels=levels, num_batches=args.num_batches,
-                                                   progress=False), device)
+                                                   progress=False, prefix_cache=args.prefix_cache), device)
     trials = sum(r["status"] in ("ok", "failed") for r in result.rows)
     return {"threads": args.worker, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "groups": len({r["group"] for r in result.rows}), "trials": trials,
@@ -102,7 +105,8 @@ def main(args: argparse.Namespace) -> None:
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(runs[-1], flush=True)
     setting = (f"{args.model} at {args.image_size}x{args.image_size}, {args.num_batches} batches of "
-               f"{args.batch_size}, levels {args.levels}, device {args.device}")
+               f"{args.batch_size}, levels {args.levels}, device {args.device}, prefix cache "
+               f"{'on' if args.prefix_cache else 'off'}")
     rows = [[r["threads"], r["wall_s"], r["cpu_s"], r["groups"], r["trials"],
              round(r["wall_s"] / max(r["groups"] * len(args.levels.split(",")), 1), 2), r["accumulate_s"],
              r["evaluate_s"], r["build_pruner_s"], "yes" if r["wall_s"] < GOAL_SECONDS else "NO",
