@@ -260,8 +260,8 @@ def ortho_grad(
     row, for less: the weight is read through a view (never copied; a bias enters the rows' Gram as the rank-1
     term ``b b^T``, not as a concatenated column), ``scale`` is folded into the small sign matrix, the gradient
     product is accumulated straight into ``add_to`` (e.g. the parameters' ``.grad``), and large Grams are computed
-    one symmetric pair of panels at a time on CPU (5/8 to 3/4 of the products). Transposed convs, tall blocks with a
-    bias and weights no view fits (channels-last) take the reference path.
+    one symmetric pair of panels at a time on CPU (5/8 to 3/4 of the products). Transposed convs and weights no view
+    fits (channels-last) take the reference path.
 
     Args:
         weight: The layer's weight (as for :func:`filter_matrix`; detach it first).
@@ -287,17 +287,36 @@ def ortho_grad(
     n, rows, cols = filter_matrix_shape(weight.shape, has_bias=bias is not None, groups=groups, transposed=transposed)
     out_w, out_b = add_to if add_to is not None else (None, None)
     m = None if transposed or not weight.is_contiguous() else weight.view(n, rows, -1)
-    if m is None or (rows > cols and bias is not None):
+    if m is None:
         return _reference_grad(weight, bias, groups, transposed, norm, scale, out_w, out_b)
+    b = None if bias is None else bias.reshape(n, rows, 1)
+    if rows > cols and b is not None:
+        return _tall_grad_with_bias(m, b, weight, bias, norm, scale, out_w, out_b)
     if rows > cols:  # G = M^T M, gradient 2 M S
         s = _sign_scaled_(_sym_gram(m.transpose(1, 2)), norm, scale)
         return _product_into(out_w, weight, m, s), None
-    b = None if bias is None else bias.reshape(n, rows, 1)
     g = _sym_gram(m)
     if b is not None:
         g.baddbmm_(b, b.transpose(1, 2))
     s = _sign_scaled_(g, norm, scale)  # G = M M^T (+ b b^T), gradient 2 S [M | b]
     return _product_into(out_w, weight, s, m), (None if b is None else _product_into(out_b, bias, s, b))
+
+
+def _tall_grad_with_bias(
+    m: Tensor, b: Tensor, weight: Tensor, bias: Tensor, norm: str, scale: float,
+    out_w: Tensor | None, out_b: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Tall blocks ``[M | b]``: the column Gram bordered by ``M^T b`` and ``b^T b``; gradient ``2 [M | b] S``."""
+    c = m.shape[2]
+    g = m.new_empty(m.shape[0], c + 1, c + 1)
+    g[:, :c, :c] = _sym_gram(m.transpose(1, 2))
+    g[:, :c, c:] = _mm(m.transpose(1, 2), b)
+    g[:, c:, :c] = g[:, :c, c:].transpose(1, 2)
+    g[:, c:, c:] = _mm(b.transpose(1, 2), b)
+    s = _sign_scaled_(g, norm, scale)
+    gw = _product_into(_product_into(out_w, weight, m, s[:, :c, :c]), weight, b, s[:, c:, :c])
+    gb = _product_into(_product_into(out_b, bias, m, s[:, :c, c:]), bias, b, s[:, c:, c:])
+    return gw, gb
 
 
 def _sym_gram(a: Tensor) -> Tensor:
