@@ -225,5 +225,7 @@ def test_lazy_regularization_applies_every_kth_call_scaled():
         grads.append(None if model[0].weight.grad is None else model[0].weight.grad.clone())
     assert [g is not None for g in grads] == [True, False, False, True, False, False]
     torch.testing.assert_close(grads[0], 3 * reference)
+    (autograd,) = torch.autograd.grad(eager.penalty(), model[0].weight)
+    torch.testing.assert_close(grads[3], 3 * autograd)
     with pytest.raises(ValueError, match="every must be a positive integer"):
         OrthoRegularizer(model, every=0)
