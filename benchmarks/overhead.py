@@ -14,7 +14,7 @@
     python benchmarks/overhead.py --threads 1          # CPU, batch 32, ~13 min on 2 (busy) cores
     python benchmarks/overhead.py --threads 1 --models resnet34 --batch-size 128 --sections steps --every-k \
         --no-penalty-step --name overhead_b128         # the paper's batch: 18 min on 2 busy cores
-    python benchmarks/overhead.py --threads 1 --sections steps --every-k --no-penalty-step --name overhead_b32
+    python benchmarks/overhead.py --threads 1 --sections steps --every-k --no-penalty-step --name overhead_b32  # 8 min
     python benchmarks/overhead.py --device cuda --batch-size 128
 """
 
