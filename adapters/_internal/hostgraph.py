@@ -290,7 +290,7 @@ class RobustDependencyGraph(tp.DependencyGraph):
 
     Example:
         >>> import torch, torch_pruning as tp
-        >>> from orthoreg_tp.adapters.graph import RobustDependencyGraph
+        >>> from orthoreg_tp.adapters import RobustDependencyGraph
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
         >>> graph = RobustDependencyGraph().build_dependency(model, torch.randn(1, 3, 8, 8))
         >>> graph.get_pruning_group(model[0], tp.prune_conv_out_channels, [0, 1]).prune()
