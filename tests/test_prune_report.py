@@ -60,3 +60,39 @@ def test_pspnet_reports_the_encoder_stages_its_forward_skips():
     report = prune(model, torch.randn(1, 3, 64, 64), importance=magnitude(), ratio=0.5)
     assert [u.split(" ")[0] for u in report.unused] == ["encoder.layer3", "encoder.layer4"]
     assert report.params_fraction > 0.9  # most weights sit in the unused stages, as the report now says
+
+
+def _frozen_first_conv():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 2))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _old_build(model):  # what prune() did before: every parameter left requiring grad from the graph build on
+    import contextlib
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["now", "before"])
+def test_an_importance_accumulated_with_frozen_parameters_ranks_them_as_frozen(monkeypatch, old):
+    from orthoreg_tp import OrthoRegImportance
+    from orthoreg_tp.adapters._internal import session
+
+    if old:
+        monkeypatch.setattr(session, "requires_grad_all", _old_build)
+    model, x, y = _frozen_first_conv(), torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,))
+    imp = OrthoRegImportance()
+    imp.accumulate(model, [(x, y)], progress=False)
+    if old:
+        with pytest.raises(RuntimeError, match="accumulat"):
+            prune(model, x[:1], importance=imp, ratio=0.5)
+        return
+    report = prune(model, x[:1], importance=imp, ratio=0.5)
+    assert report.params_after < report.params_before
+    assert not model[0].weight.requires_grad and model[2].weight.requires_grad

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from orthoreg_tp import _compat
+from orthoreg_tp._state import requires_grad_all
 from orthoreg_tp.floor import FloorImportance, RoundedFloorImportance, is_protected
 from orthoreg_tp.ties import TieBreakImportance
 
@@ -202,11 +203,13 @@ class PruneSession:
         if graph is None:
             self.importance.forget()  # new graph, new groups
             recording, self._recording = self._recording, None  # valid for the unpruned model only: use it once
-            for p in self.model.parameters():
-                p.requires_grad_(True)  # torch-pruning traces the graph through autograd
+        # torch-pruning traces the graph through autograd: every parameter requires grad while it builds, and only
+        # then (an importance accumulated with some parameters frozen scores them as frozen)
+        tracing = requires_grad_all(self.model) if graph is None else contextlib.nullcontext()
         try:
-            return make_pruner(self.pruner_class, self.model, self.example_inputs, self.importance,
-                               self._kwargs(ratio, ranking), graph=graph, recording=recording)
+            with tracing:
+                return make_pruner(self.pruner_class, self.model, self.example_inputs, self.importance,
+                                   self._kwargs(ratio, ranking), graph=graph, recording=recording)
         except ImportanceFailure:
             raise
         except Exception as exc:
