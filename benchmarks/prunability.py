@@ -300,7 +300,11 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         imp = None
         if args.importance == "orthoreg":
             model.zero_grad(set_to_none=True)
+            # YOLO computes its loss in training mode, where every head branch runs (YOLO26-seg's semantic
+            # branch only then); RT-DETR's training forward needs targets
+            model.train(args.lib == "ultralytics" and not args.model.startswith("rtdetr"))
             loss = _loss(run_model(model, x), torch.randint(0, 1000, (1,)))
+            model.eval()
             if isinstance(loss, torch.Tensor) and loss.requires_grad:
                 imp = OrthoRegImportance()
                 loss.backward()
