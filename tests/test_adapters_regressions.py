@@ -132,6 +132,7 @@ def _orthoreg_on(model: nn.Module, x: torch.Tensor, imp: OrthoRegImportance) -> 
     return imp
 
 
+@pytest.mark.slow
 def test_torch_pruning_reshape_chain_over_iterative_steps() -> None:
     model, x = ReshapeNet(), torch.randn(1, 512)
     imp = _orthoreg_on(model, x, OrthoRegImportance())
