@@ -2,8 +2,8 @@
 
 ``digits`` (1,797 8x8 grayscale digits, upsampled) is the offline default for quick runs and tests; it needs
 no download. ``chars`` (47 classes of characters rendered from matplotlib's fonts, train and test from
-disjoint fonts; :mod:`orthoreg_tp.engine.chars`, docs/data-chars.md) is the offline dataset that does not
-saturate; it is rendered once (about half a minute) and cached. CIFAR comes through torchvision and is
+disjoint fonts; :mod:`orthoreg_tp.engine.chars`, docs/data-chars.md) is the offline dataset harder than
+digits; it is rendered once (about half a minute of CPU) and cached. CIFAR comes through torchvision and is
 downloaded when online; offline, point ``data_path`` at a folder that holds ``cifar-10-batches-py/`` or
 ``cifar-100-python/``.
 
