@@ -144,7 +144,7 @@ def detection(args: argparse.Namespace) -> dict[str, Any]:
     now = _child(cmd, args.timeout_s)
     earlier = next((r for r in json.loads((RESULTS / "prunability.json").read_text())["records"]
                     if r.get("model") == DETECTION), {})
-    return {"command": " ".join(cmd[1:]), "now": now, "earlier": earlier}
+    return {"command": " ".join(["python", "benchmarks/prunability.py", *cmd[2:]]), "now": now, "earlier": earlier}
 
 
 def _geomean(values: list[float]) -> float:
@@ -183,7 +183,7 @@ def write_markdown(rows: list[list[Any]], stats: dict[str, float], args: argpars
               f"{stats['worst_peak']:.2f}x memory). Goal: at most 1.25x, no model above 1.5x."]
     if det is not None:
         now, old = det["now"], det["earlier"]
-        lines += ["", f"Detection (`python benchmarks/{det['command']}`): {DETECTION}, prune "
+        lines += ["", f"Detection (`{det['command']}`, the sweep's worker): {DETECTION}, prune "
                   f"{now.get('prune_s', now.get('error'))} s (CPU {now.get('prune_cpu_s')} s), peak RSS "
                   f"{now.get('peak_rss_gb')} GB; the sweep's earlier record: prune {old.get('prune_s')} s "
                   f"(CPU {old.get('prune_cpu_s')} s), peak RSS {old.get('peak_rss_gb')} GB."]
