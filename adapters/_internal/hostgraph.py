@@ -421,10 +421,20 @@ class RobustDependencyGraph(tp.DependencyGraph):
         a ratio of root indices removes up to ``m`` times as many blocks (the importances also size their scores
         by the first scored item: an ``IndexError`` when it is the narrow one). Such a group is re-rooted at
         the narrowest root-type layer it covers whole (output or input channels), when the walk from there
-        reaches exactly the same channels.
+        reaches exactly the same channels. Other groups keep the host's root (attention groups are re-rooted by
+        the pruner itself).
         """
         for group in super().get_all_groups(ignored_layers=list(ignored_layers), root_module_types=root_module_types):
-            yield self._narrowest_root(group, tuple(root_module_types))
+            yield self._narrowest_root(group, tuple(root_module_types)) if self._has_blocks(group) else group
+
+    def _has_blocks(self, group: Any) -> bool:
+        """Whether the group passes a coupled channel-multiplier conv or an unflatten feeding convolutions."""
+        coupled = self._multiplier_pruner.coupled
+        for dep, _ in group.items:
+            kind = self._reshape_stride.get(dep.target)
+            if id(dep.target.module) in coupled or (kind is not None and kind[1]):
+                return True
+        return False
 
     def _narrowest_root(self, group: Any, root_types: tuple[type, ...]) -> Any:
         best, rank = None, (len(group[0].idxs), False)  # fewest channels first, output channels before inputs
