@@ -135,6 +135,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--config-hash", default=None,
                    help="with --report-only: report the records of this configuration hash (e.g. made on data "
                         "that has changed since)")
+    g.add_argument("--note", default=None, help="a line added to NAME.md and NAME.json (e.g. how a resumed run went)")
     return p
 
 
@@ -569,6 +570,9 @@ def plot(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace, path: Path
         for row_i, (kind, methods, key) in enumerate((("iterative", args.methods, "target_speedup"),
                                                       ("earlybird", args.eb_methods, "percent"))):
             ax = axes[row_i][col]
+            if kind == "earlybird" and name not in args.eb_models:
+                ax.axis("off")
+                continue
             for method in methods:
                 got = _pick(rows, kind=kind, model=name, method=method)
                 levels = sorted({r[key] for r in got})
@@ -589,7 +593,8 @@ def plot(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace, path: Path
                 "early-bird tickets " + "/".join(f"{q:g}%" for q in args.eb_percents)
             ax.set_title(f"{name}: {what}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     fig.suptitle(f"quality benchmark on {args.dataset} (mean ± std over seeds {args.seeds})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -615,7 +620,7 @@ def write_report(args: argparse.Namespace, records: Records, wall: float,
                           "threads": args.threads},
                "config_hash": records.hash,
                "data": {"fingerprint": args.data_fingerprint, "source": getattr(args, "data_source", None)},
-               **run, "runs": rows}
+               **run, "note": args.note, "runs": rows}
     out = Path(args.output_dir)
     write_results(args.name, payload, report_markdown(rows, args, run, len(expected_keys(args)) - len(missing)), out)
     if rows:
@@ -640,10 +645,13 @@ def report_markdown(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace,
     gaps = orthoreg_gaps(rows, args)
     if gaps:
         sections += ["#### Where orthoreg stands (mean accuracy after the fine-tune)", "\n".join(gaps)]
-    sections.append(f"Command: `{run['command']}`  \nMachine: {machine_line(run['machine'])}.  \nWall time "
+    sections.append(f"Command: `{run['command']}`  \nMachine: {machine_line(run['machine'])}.  \nWall time of the "
+                    "last invocation "
                     f"{run['wall_seconds'] / 60:.1f} min; the runs' own times sum to {run['run_seconds'] / 60:.1f} "
                     f"min (over {args.workers} worker process(es), {args.threads} thread(s) each; dense and short "
                     "trainings not included).")
+    if args.note:
+        sections.append(args.note)
     return "\n\n".join(sections)
 
 
