@@ -60,9 +60,9 @@ MODELS = ("vgg13", "resnet18")
 TOLERANCES = (0.05, 0.15, 0.3)  # lower side of the MACs band: the default first, wider where the MACs jump
 PHASES = ("base", "ortho", "finetune", "between", "eb_train", "eb_retrain")
 
-# Sizing. "full" is fitted to <= 60 minutes on 2 shared CPU cores (2 worker processes, 1 thread each); "quick" to
-# under 15 minutes; "gpu" is the same protocol at 4x the widths and the whole training set (not run on CPU);
-# "smoke" is the test's (seconds, on digits).
+# Sizing. "full": 63 minutes of wall time on 2 CPU cores shared with other jobs (load average 4-15), 2 worker
+# processes x 1 thread; "quick": 13 minutes there with --workers 1; "gpu": the same protocol at 4x the widths, the
+# whole training set and longer schedules (not run here); "smoke": the test's (seconds, on digits).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "device": "cpu", "workers": 2,
