@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch_pruning as tp
 import torchvision
-from torch import nn
-
 from orthoreg_tp.adapters import count_macs_params, prune
+from torch import nn
 
 
 def magnitude():
@@ -81,8 +80,9 @@ def _old_build(model):  # what prune() did before: every parameter left requirin
 
 @pytest.mark.parametrize("old", [False, True], ids=["now", "before"])
 def test_an_importance_accumulated_with_frozen_parameters_ranks_them_as_frozen(monkeypatch, old):
-    from orthoreg_tp import OrthoRegImportance
     from orthoreg_tp.adapters._internal import session
+
+    from orthoreg_tp import OrthoRegImportance
 
     if old:
         monkeypatch.setattr(session, "requires_grad_all", _old_build)
