@@ -30,7 +30,10 @@ def eval_mode(model: nn.Module, *, train: bool = False) -> Iterator[nn.Module]:
         (True, False)
     """
     modes = {m: m.training for m in model.modules()}
-    model.train(train)
+    if train:
+        model.train()
+    else:
+        model.eval()  # not train(False): some wrappers (ultralytics' YOLO) override train() to start training
     try:
         yield model
     finally:

@@ -71,6 +71,8 @@ def _device_of(model: nn.Module, example_inputs: Any) -> torch.device:
 
 
 def _batch_of(example_inputs: Any) -> int | None:
+    if isinstance(example_inputs, dict):
+        return None  # keyword inputs: which one carries the batch is the model's business
     tensors = flatten_tensors(example_inputs)
     return int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else None
 
