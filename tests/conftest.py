@@ -32,3 +32,21 @@ def make_tiny_cnn(in_chans: int = 3, widths: tuple[int, ...] = (6, 8), num_class
 def tiny_cnn():
     """The tests' small CNN builder: ``tiny_cnn(in_chans=3, widths=(6, 8), num_classes=3)`` (see make_tiny_cnn)."""
     return make_tiny_cnn
+
+
+def write_yolo_dataset(root) -> str:
+    """Four 64x64 random images per split, one box each, in ultralytics' layout; returns the data YAML's path."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(4):
+            pixels = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "images" / split / f"{i}.jpg")
+            (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: thing\n")
+    return str(data)

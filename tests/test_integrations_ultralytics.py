@@ -20,6 +20,8 @@ from ultralytics.utils import patches as _patches  # noqa: E402
 
 PIL.Image.open = getattr(_patches, "_image_open", PIL.Image.open)
 
+from conftest import write_yolo_dataset  # noqa: E402
+
 from orthoreg_tp.integrations.ultralytics import (  # noqa: E402
     CLIP_NORM,
     orthoreg_trainer,
@@ -29,22 +31,7 @@ from orthoreg_tp.integrations.ultralytics import (  # noqa: E402
 )
 from orthoreg_tp.metrics import orthonormality  # noqa: E402
 
-
-def write_dataset(root) -> str:
-    """Four 64x64 random images per split, one box each; returns the data YAML's path."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(4):
-            pixels = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
-            PIL.Image.fromarray(pixels).save(root / "images" / split / f"{i}.jpg")
-            (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n")
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: thing\n")
-    return str(data)
+write_dataset = write_yolo_dataset  # the four-image dataset both YOLO test files train on
 
 
 def _overrides(data: str, root, name: str) -> dict:

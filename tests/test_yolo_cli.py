@@ -22,22 +22,9 @@ def one_error_line(capsys) -> str:
     return err
 
 
-def write_dataset(root) -> str:
-    """Four 64x64 random images per split, one box each; returns the data YAML's path."""
-    import numpy as np
-    from PIL import Image
+from conftest import write_yolo_dataset  # noqa: E402
 
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(4):
-            pixels = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / "images" / split / f"{i}.jpg")
-            (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n")
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: thing\n")
-    return str(data)
+write_dataset = write_yolo_dataset  # the four-image dataset both YOLO test files train on
 
 
 # --------------------------------------------------------------------------- argument errors
