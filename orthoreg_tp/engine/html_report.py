@@ -3,7 +3,8 @@
 No external asset, stylesheet or script: the file opens offline in any browser and can be mailed on its own.
 A recipe run writes it next to ``results.json`` every time the results are written (accuracy against MACs per
 round, per-layer widths before and after, the round table, the training curve); ``orthoreg-tp analyze`` writes
-the sensitivity table and plot. matplotlib is imported only when a figure is drawn.
+the sensitivity table and plot; ``orthoreg-tp yolo`` the dense and pruned model's measurements, the headline
+metric against MACs, per-layer widths and the prune settings. matplotlib is imported only when a figure is drawn.
 
 Example:
     >>> page = html_document("demo", [("numbers", html_table([{"a": 1, "b": 2.5}]))])
@@ -20,13 +21,14 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .records import atomic_write_bytes
 
-__all__ = ["html_document", "html_table", "png_image", "write_run_report", "write_sensitivity_report"]
+__all__ = ["html_document", "html_table", "png_image", "write_run_report", "write_sensitivity_report",
+           "write_yolo_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,20 +144,26 @@ def _png(fig: Any) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------- recipe runs
-def _accuracy_vs_macs(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
+def _round_tag(row: Mapping[str, Any]) -> str:
+    return f"r{row.get('round', '?')}"
+
+
+def _metric_vs_macs(rows: Sequence[Mapping[str, Any]], title: str, *, metric: str = "test_acc",
+                    ylabel: str = "test accuracy (%)", label: str = "after retraining",
+                    tag: Callable[[Mapping[str, Any]], str] = _round_tag) -> bytes:
+    """``metric`` of each row against its MACs, each point tagged; ``acc_after_prune`` as open circles if any."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
-    rows = [r for r in rows if r.get("macs") is not None and r.get("test_acc") is not None]
+    rows = [r for r in rows if r.get("macs") is not None and r.get(metric) is not None]
     macs = [r["macs"] / 1e6 for r in rows]
-    ax.plot(macs, [r["test_acc"] for r in rows], marker="o", label="after retraining")
+    ax.plot(macs, [r[metric] for r in rows], marker="o", label=label)
     pruned = [(r["macs"] / 1e6, r["acc_after_prune"]) for r in rows if r.get("acc_after_prune") is not None]
     if pruned:
         ax.scatter(*zip(*pruned), facecolors="none", edgecolors="C3", label="right after pruning")
     for r, x in zip(rows, macs):
-        ax.annotate(f"r{r.get('round', '?')}", (x, r["test_acc"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
+        ax.annotate(tag(r), (x, r[metric]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("MACs (M)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -191,8 +199,13 @@ def _training_curve(epochs: Sequence[Mapping[str, Any]]) -> bytes:
     return _png(fig)
 
 
-def _widths_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, int], dict[str, int], list[dict[str, Any]]]:
-    """Dense and final widths, and one table row per layer with its width after every round."""
+def _round_column(row: Mapping[str, Any]) -> str:
+    return f"round {row.get('round', '?')}"
+
+
+def _widths_rows(rows: Sequence[Mapping[str, Any]], *, column: Callable[[Mapping[str, Any]], str] = _round_column,
+                 ) -> tuple[dict[str, int], dict[str, int], list[dict[str, Any]]]:
+    """Dense and final widths, and one table row per layer with its width in every row (column ``column(row)``)."""
     with_widths = [r for r in rows if isinstance(r.get("widths"), Mapping)]
     if not with_widths:
         return {}, {}, []
@@ -201,7 +214,7 @@ def _widths_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, int], dic
     for name, width in before.items():
         entry: dict[str, Any] = {"layer": name}
         for r in with_widths:
-            entry[f"round {r.get('round', '?')}"] = r["widths"].get(name)
+            entry[column(r)] = r["widths"].get(name)
         entry["kept %"] = round(100.0 * after.get(name, 0) / width, 1) if width else None
         table.append(entry)
     return before, after, table
@@ -226,7 +239,7 @@ def run_report_sections(results: Mapping[str, Any], *, config: Mapping[str, Any]
     sections = [("rounds", html_table(rows, [c for c in ROUND_COLUMNS if any(c in r for r in rows)]))]
     if rows:
         title = f"{results.get('model', '')} on {results.get('dataset', '')}, method {results.get('method', '')}"
-        sections.append(("accuracy against MACs", png_image(_accuracy_vs_macs(rows, title), alt="accuracy vs MACs")))
+        sections.append(("accuracy against MACs", png_image(_metric_vs_macs(rows, title), alt="accuracy vs MACs")))
     before, after, table = _widths_rows(rows)
     if table:
         last = next(r.get("round") for r in reversed(rows) if isinstance(r.get("widths"), Mapping))
@@ -309,6 +322,131 @@ def write_sensitivity_report(path: str | os.PathLike, result: Any, *, title: str
     return _write(path, html_document(title or f"sensitivity: {result.model_class}", sections, subtitle=subtitle))
 
 
+# ----------------------------------------------------------------------------------------------- orthoreg-tp yolo
+YOLO_METRICS: tuple[tuple[str, str], ...] = (("map50_95", "mAP50-95 (box)"), ("top1", "top-1 accuracy"))
+
+
+def _ratio(before: Any, after: Any) -> float | None:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before, after))
+    return after / before if numbers and before else None
+
+
+def yolo_before_after(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per quantity a ``yolo`` run measured on the dense and the pruned model, with ``after / before``.
+
+    Parameters, MACs, latency (when a latency budget timed it), checkpoint sizes, then every metric of
+    ultralytics' validator (``metrics_before`` / ``metrics_after``).
+
+    Example:
+        >>> yolo_before_after({"params_before": 10, "params_after": 4})
+        [{'quantity': 'parameters', 'before': 10, 'after': 4, 'after / before': 0.4}]
+    """
+    latency = results.get("latency") or {}
+    pairs = [("parameters", results.get("params_before"), results.get("params_after")),
+             ("MACs", results.get("macs_before"), results.get("macs_after")),
+             ("latency (ms, median)", (latency.get("dense") or {}).get("median_ms"),
+              (latency.get("pruned") or {}).get("median_ms")),
+             ("checkpoint (bytes)", results.get("dense_checkpoint_bytes"), results.get("pruned_checkpoint_bytes"))]
+    metrics_before, metrics_after = results.get("metrics_before") or {}, results.get("metrics_after") or {}
+    pairs += [(k, metrics_before.get(k), metrics_after.get(k)) for k in dict.fromkeys([*metrics_before,
+                                                                                         *metrics_after])]
+    return [{"quantity": name, "before": b, "after": a, "after / before": _ratio(b, a)}
+            for name, b, a in pairs if b is not None or a is not None]
+
+
+def _yolo_metric_plot(results: Mapping[str, Any]) -> str | None:
+    """The headline metric (box mAP50-95, else top-1) of the dense and the pruned model against their MACs."""
+    for key, label in YOLO_METRICS:
+        points = [{"stage": stage, "macs": results.get(f"macs_{suffix}"), key: results.get(f"{key}_{suffix}")}
+                  for stage, suffix in (("dense", "before"), ("pruned", "after"))]
+        if any(p[key] is not None and p["macs"] is not None for p in points):
+            config = results.get("config") or {}
+            title = f"{config.get('model', '?')} on {config.get('data', '?')}, imgsz {config.get('imgsz', '?')}"
+            png = _metric_vs_macs(points, title, metric=key, ylabel=label, label="validated (dense, pruned)",
+                                  tag=lambda r: r["stage"])
+            return png_image(png, alt=f"{label} vs MACs")
+    return None
+
+
+def _yolo_widths(results: Mapping[str, Any]) -> str | None:
+    """A bar chart and a table of ``results["widths"]`` (``{layer: [before, after]}``), or ``None`` without it."""
+    widths = results.get("widths") or {}
+    rows = [{"stage": stage, "widths": {k: v[i] for k, v in widths.items()}}
+            for i, stage in enumerate(("before", "after"))]
+    before, after, table = _widths_rows(rows, column=lambda r: r["stage"])
+    if not table:
+        return None
+    return png_image(_widths_plot(before, after, "after pruning"), alt="per-layer widths") + html_table(table)
+
+
+def _yolo_prune_settings(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    config = results.get("config") or {}
+    target = results.get("target")
+    budget = (f"keep {target[1]:g} of the dense {target[0]}" if target else
+              f"remove {config.get('prune_percent', '?')}% of the channels")
+    facts = {"importance": results.get("importance", "OrthoRegImportance"),
+             "importance batches used": results.get("importance_batches_used"),
+             "OrthoReg coefficient": config.get("coefficient"), "budget": budget,
+             "pruning ratio used": results.get("prune_ratio"), "channels removed": results.get("channels_removed"),
+             "frozen": results.get("frozen") or "none", "unused (not pruned)": results.get("unused") or "none",
+             "notes": results.get("notes") or "none"}
+    return [{"setting": k, "value": v} for k, v in facts.items() if v is not None]
+
+
+def yolo_report_sections(results: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The sections of an ``orthoreg-tp yolo`` run's report from its ``results.json``.
+
+    Example:
+        >>> sections = yolo_report_sections({"params_before": 10, "params_after": 4, "config": {"epochs": 1}})
+        >>> [heading for heading, _ in sections]
+        ['before and after', 'prune settings', 'configuration']
+    """
+    sections = [("before and after", html_table(yolo_before_after(results)))]
+    plot = _yolo_metric_plot(results)
+    if plot:
+        sections.append(("metric against MACs", plot))
+    widths = _yolo_widths(results)
+    if widths:
+        sections.append(("per-layer widths before and after", widths))
+    sections.append(("prune settings", html_table(_yolo_prune_settings(results))))
+    if results.get("seconds"):
+        sections.append(("seconds per step", html_table([{"step": k, "seconds": v}
+                                                         for k, v in results["seconds"].items()])))
+    files = {k: v for k, v in results.items() if k.endswith("_checkpoint") or k in ("task", "model_class")}
+    if files:
+        sections.append(("run", html_table([{"key": k, "value": v} for k, v in files.items()])))
+    if results.get("config"):
+        sections.append(("configuration", html_table([{"option": k, "value": v}
+                                                      for k, v in results["config"].items()])))
+    return sections
+
+
+def write_yolo_report(out_dir: str | os.PathLike, results: Mapping[str, Any] | None = None) -> Path:
+    """Write ``out_dir/report.html`` for an ``orthoreg-tp yolo`` run (``results`` default: its ``results.json``).
+
+    Example:
+        >>> write_yolo_report("runs/yolo")  # doctest: +SKIP
+        PosixPath('runs/yolo/report.html')
+    """
+    out_dir = Path(out_dir)
+    if results is None:
+        results = json.loads((out_dir / "results.json").read_text())
+    config = results.get("config") or {}
+    title = f"yolo: {config.get('model', '?')} on {config.get('data', '?')}"
+    subtitle = (f"{results.get('model_class', 'model')}, task {results.get('task', '?')}, imgsz "
+                f"{config.get('imgsz', '?')}, seed {config.get('seed', '?')}; folder {out_dir}")
+    return _write(out_dir / REPORT_NAME, html_document(title, yolo_report_sections(results), subtitle=subtitle))
+
+
+# ----------------------------------------------------------------------------------------------- never failing
+def _try_write(write: Callable[..., Path], *args: Any) -> Path | None:
+    try:
+        return write(*args)
+    except Exception as err:  # noqa: BLE001 - a report must never stop the run that asked for it
+        logger.warning("report.html not written: %s: %s", type(err).__name__, err)
+        return None
+
+
 def try_write_run_report(run_dir: str | os.PathLike, results: Mapping[str, Any]) -> Path | None:
     """:func:`write_run_report`, logging a warning instead of failing the run that asked for it.
 
@@ -316,8 +454,14 @@ def try_write_run_report(run_dir: str | os.PathLike, results: Mapping[str, Any])
         >>> try_write_run_report("/proc/no-such-run", {"rows": []}) is None
         True
     """
-    try:
-        return write_run_report(run_dir, results)
-    except Exception as err:  # noqa: BLE001 - a report must never stop a training run
-        logger.warning("report.html not written: %s: %s", type(err).__name__, err)
-        return None
+    return _try_write(write_run_report, run_dir, results)
+
+
+def try_write_yolo_report(out_dir: str | os.PathLike, results: Mapping[str, Any]) -> Path | None:
+    """:func:`write_yolo_report`, logging a warning instead of failing the ``yolo`` run that asked for it.
+
+    Example:
+        >>> try_write_yolo_report("/proc/no-such-run", {}) is None
+        True
+    """
+    return _try_write(write_yolo_report, out_dir, results)
