@@ -50,29 +50,42 @@ from orthoreg_tp.engine.methods import build_importance, feed_importance_, get_m
 from orthoreg_tp.engine.models import CifarResNet
 from orthoreg_tp.engine.models.vgg import VGG, VGG13_CFG
 from orthoreg_tp.engine.pruning import count_macs_params
-from orthoreg_tp.engine.training import LRSchedule, build_optimizer, evaluate, set_lr, train_one_epoch
+from orthoreg_tp.engine.training import (
+    LRSchedule,
+    build_optimizer,
+    evaluate,
+    recalibrate_bn_,
+    set_lr,
+    train_one_epoch,
+)
 
 logger = logging.getLogger("quality")
 
 METHODS = ("orthoreg", "fisher", "taylor", "l1", "bn", "random")
 EB_METHODS = ("orthoreg", "fisher", "bn")
 MODELS = ("vgg13", "resnet18")
+# How each criterion's scores are ranked across layers when --normalizer is "default": as its library does out of
+# the box (the project's loss-based importances raw, torch-pruning's magnitude, BN and Taylor ones mean-normalized
+# per group: their defaults when passed to a torch-pruning pruner)
+DEFAULT_NORMALIZERS: dict[str, str | None] = {"orthoreg": None, "fisher": None, "taylor": "mean", "l1": "mean",
+                                              "bn": "mean", "random": None}
 TOLERANCES = (0.05, 0.15, 0.3)  # lower side of the MACs band: the default first, wider where the MACs jump
 PHASES = ("base", "ortho", "finetune", "between", "eb_train", "eb_retrain")
 
-# Sizing. "full": 63 minutes of wall time on 2 CPU cores shared with other jobs (load average 4-15), 2 worker
-# processes x 1 thread; "quick": 13 minutes there with --workers 1; "gpu": the same protocol at 4x the widths, the
-# whole training set and longer schedules (not run here); "smoke": the test's (seconds, on digits).
+# Sizing. "full": the whole chars set at width 0.125 (dense 85-92% in trial runs), 2 worker processes x 1 thread on
+# 2 CPU cores (see benchmarks/results/quality.md for its measured time); "quick": the pipeline once on a subset
+# (under 15 minutes there); "gpu": the same protocol at 4x the widths and longer schedules (not run here);
+# "smoke": the test's (seconds, on digits).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "device": "cpu", "workers": 2,
-        "eb_models": ["vgg13"],  # the cheaper model: tickets of both fit no 60-minute run on 2 shared cores
+        "eb_models": ["vgg13"],  # the cheaper model: tickets of both do not fit 2 hours on 2 cores
         "width": 0.125,  # VGG-13 8..64 channels, ResNet-18 8..64
-        "train_images": 3000, "test_images": 1175,  # fixed random subsets (of 11,750 and 2,350)
+        "train_images": None, "test_images": None,  # all: 11,750 and 2,350
         "seeds": [0, 1, 2], "batch_size": 64, "importance_samples": 1000,
-        # lr 0.02: at 0.1 both width-0.125 models stayed at chance for 6 epochs on chars
-        "phases": {"base": "0.02:7,0.002:1", "ortho": "0.02:1,0.002:1", "finetune": "0.01:1",
-                   "between": "0.01:0", "eb_train": "0.02:3", "eb_retrain": "0.02:3,0.002:1"},
+        # lr 0.05: a width-0.125 VGG-13 leaves chance in epoch 3 and reaches 89.8% in 10 epochs on chars v3
+        "phases": {"base": "0.05:8,0.005:2", "ortho": "0.02:1,0.002:1", "finetune": "0.01:2",
+                   "between": "0.01:0", "eb_train": "0.05:3", "eb_retrain": "0.05:4,0.005:1"},
     },
     "quick": {  # the whole pipeline once (one seed, 1,200 images, 5 base epochs): a plumbing check, not a result
         "device": "cpu", "workers": 2,
@@ -121,6 +134,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--importance-samples", type=int, default=None)
     g.add_argument("--coefficient", type=float, default=1e-2, help="OrthoReg lambda (the paper's VGG/ResNet value)")
+    g.add_argument("--min-keep", type=float, default=0.1,
+                   help="per-layer floor: fraction of each layer's dense width always kept (PruningBench: 0.1)")
+    g.add_argument("--normalizer", default="default", choices=["default", "none", "mean", "max", "sum"],
+                   help="per-group score normalization before global ranking; default: each criterion's library "
+                        "default (orthoreg and fisher raw, taylor/l1/bn mean)")
+    g.add_argument("--bn-recal-batches", type=int, default=20,
+                   help="batches that re-estimate BN statistics after each prune, before its accuracy is measured "
+                        "(0: off)")
     for phase in PHASES:
         g.add_argument(f"--{phase.replace('_', '-')}", dest=phase, default=None, metavar="LR:EPOCHS,...",
                        help=f"schedule of the {phase} phase (preset)")
@@ -154,6 +175,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--speedups must rise and be > 1, got {args.speedups!r}")
     if any(not 0 < q < 95 for q in args.eb_percents):
         raise SystemExit(f"--eb-percents must be in (0, 95), got {args.eb_percents!r}")
+    if not 0 <= args.min_keep < 1:
+        raise SystemExit(f"--min-keep must be in [0, 1), got {args.min_keep!r}")
+    if args.bn_recal_batches < 0:
+        raise SystemExit(f"--bn-recal-batches must be >= 0, got {args.bn_recal_batches!r}")
     if args.workers < 1 or args.threads < 1:
         raise SystemExit(f"--workers and --threads must be >= 1, got {args.workers!r} and {args.threads!r}")
     return args
@@ -162,7 +187,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 def config_of(args: argparse.Namespace) -> dict[str, Any]:
     """What the results depend on (records of another configuration are not reused)."""
     keys = ("dataset", "data_fingerprint", "image_size", "width", "train_images", "test_images", "batch_size",
-            "importance_samples", "coefficient", "speedups", *PHASES)
+            "importance_samples", "coefficient", "speedups", "min_keep", "normalizer", "bn_recal_batches", *PHASES)
     return {k: getattr(args, k) for k in keys}
 
 
@@ -183,6 +208,13 @@ def build_net(name: str, *, width: float, num_classes: int, in_chans: int = 3) -
         return CifarResNet((2, 2, 2, 2), tuple(scale(c) for c in (64, 128, 256, 512)), num_classes=num_classes,
                            in_chans=in_chans)
     raise ValueError(f"unknown model, got {name!r}; choose one of {list(MODELS)}")
+
+
+def normalizer_of(method_name: str, choice: str) -> str | None:
+    """The per-group normalizer a criterion ranks with: its library default for ``"default"``, none for ``"none"``."""
+    if choice == "default":
+        return DEFAULT_NORMALIZERS[method_name]
+    return None if choice == "none" else choice
 
 
 def _subset(dataset: Any, count: int | None, seed: int) -> Dataset:
@@ -247,6 +279,20 @@ class Bench:
         for epoch in range(schedule.total_epochs):
             set_lr(optimizer, schedule.lr_at(epoch))
             train_one_epoch(model, loader, optimizer, device=self.device, regularizer=reg, progress=False)
+
+    def importance(self, method_name: str, model: nn.Module, *, seed: int) -> Any:
+        """The criterion behind the per-layer floor, normalized as ``--normalizer`` says."""
+        return build_importance(get_method(method_name), layer_widths(model), seed=seed,
+                                min_keep_ratio=self.args.min_keep,
+                                normalizer=normalizer_of(method_name, self.args.normalizer))
+
+    def pruned_accuracy(self, model: nn.Module, *, seed: int) -> float:
+        """Test accuracy right after a prune, batch-norm statistics re-estimated first (if asked)."""
+        if self.args.bn_recal_batches:
+            gen = torch.Generator().manual_seed(seed)
+            loader = DataLoader(self.train_set, batch_size=self.args.batch_size, shuffle=True, generator=gen)
+            recalibrate_bn_(model, loader, device=self.device, batches=self.args.bn_recal_batches)
+        return self.accuracy(model)
 
     def accuracy(self, model: nn.Module) -> float:
         return evaluate(model, self.test_loader, device=self.device)["acc"]
@@ -361,7 +407,7 @@ def run_iterative(bench: Bench, dense: nn.Module, method_name: str, *, seed: int
     torch.manual_seed(seed)
     model = copy.deepcopy(dense)
     method = get_method(method_name)
-    importance = build_importance(method, layer_widths(model), seed=seed)
+    importance = bench.importance(method_name, model, seed=seed)
     dense_macs, dense_params = bench.cost(model)
     rounds: list[dict[str, Any]] = []
     for k, speedup in enumerate(bench.args.speedups, 1):
@@ -376,7 +422,7 @@ def run_iterative(bench: Bench, dense: nn.Module, method_name: str, *, seed: int
             rounds.append({**row, "error": f"{type(err).__name__}: {err}"})
             logger.warning("%s seed %d: %gx failed: %s", method_name, seed, speedup, err)
             break
-        row["acc_pruned"] = bench.accuracy(model)
+        row["acc_pruned"] = bench.pruned_accuracy(model, seed=seed * 100 + k)
         bench.train(model, "finetune", seed=seed * 100 + k, regularized=method.regularized)
         macs, params = bench.cost(model)
         rounds.append({**row, "macs": macs, "params": params, "speedup": dense_macs / macs,
@@ -405,14 +451,14 @@ def run_ticket(bench: Bench, short: nn.Module, method_name: str, percent: float,
     torch.manual_seed(seed)
     model = copy.deepcopy(short)
     dense_macs, dense_params = bench.cost(model)
-    importance = build_importance(get_method(method_name), layer_widths(model), seed=seed)
+    importance = bench.importance(method_name, model, seed=seed)
     out: dict[str, Any] = {"percent": percent, "dense_macs": dense_macs, "dense_params": dense_params,
                            "short_acc": bench.accuracy(model)}
     try:
         out["channels_removed"] = bench.prune_step(model, method_name, importance, seed=seed, ratio=percent / 100)
     except PruningError as err:
         return {**out, "error": f"{type(err).__name__}: {err}"}
-    out["acc_pruned"] = bench.accuracy(model)
+    out["acc_pruned"] = bench.pruned_accuracy(model, seed=seed)
     bench.train(model, "eb_retrain", seed=seed + 7)
     macs, params = bench.cost(model)
     return {**out, "macs": macs, "params": params, "speedup": dense_macs / macs, "accuracy": bench.accuracy(model)}

@@ -86,3 +86,33 @@ def test_quality_smoke_budgets_records_and_resume(tmp_path):
 
 
 PRESET_WIDTH = 0.0625  # benchmarks/quality.py PRESETS["smoke"]["width"]
+
+
+def _quality_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return quality
+
+
+def test_quality_normalizers_follow_each_library_default():
+    quality = _quality_module()
+    assert set(quality.DEFAULT_NORMALIZERS) == set(quality.METHODS)
+    # the project's loss-based scores rank raw; torch-pruning's importances are mean-normalized by default
+    import torch_pruning as tp
+
+    assert tp.importance.MagnitudeImportance().normalizer == quality.normalizer_of("l1", "default") == "mean"
+    assert tp.importance.BNScaleImportance().normalizer == quality.normalizer_of("bn", "default")
+    assert tp.importance.TaylorImportance().normalizer == quality.normalizer_of("taylor", "default")
+    assert quality.normalizer_of("orthoreg", "default") is None and quality.normalizer_of("fisher", "default") is None
+    assert quality.normalizer_of("orthoreg", "mean") == "mean" and quality.normalizer_of("l1", "none") is None
+
+
+@pytest.mark.parametrize("option, value", [("--min-keep", "1.0"), ("--bn-recal-batches", "-1")])
+def test_quality_rejects_bad_protocol_options(option, value):
+    quality = _quality_module()
+    args = quality.get_args_parser().parse_args(["--preset", "smoke", option, value])
+    with pytest.raises(SystemExit, match=option):
+        quality.resolve(args)

@@ -264,6 +264,54 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, amp: b
     return _summarize(all_reduce_sum(totals))
 
 
+@torch.no_grad()
+def recalibrate_bn_(model: nn.Module, loader: Iterable, *, device: torch.device, batches: int = 20) -> int:
+    """Re-estimate every batch-norm layer's running statistics on ``batches`` batches (no weight changes).
+
+    After pruning, a layer's running mean and variance were measured on inputs it no longer gets; evaluated
+    with stale statistics a pruned network can sit at chance even where its weights still hold the task (the
+    "adaptive BN" step of EagleEye, Li et al. 2020). The statistics are reset and averaged over the batches
+    (``momentum=None`` while it runs); the model's mode and momenta are restored.
+
+    Args:
+        model: The model (changed in place: running statistics only).
+        loader: ``(inputs, targets)`` batches (training data, augmented or not).
+        device: Where batches go.
+        batches: How many batches to average (>= 1).
+
+    Returns:
+        The number of batch-norm layers re-estimated (0: the model has none, nothing ran).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+        >>> data = [(torch.randn(8, 1, 6, 6) + 3.0, torch.zeros(8))]
+        >>> recalibrate_bn_(net, data, device=torch.device("cpu"), batches=1)
+        1
+        >>> bool(net[1].running_mean.abs().sum() > 0)
+        True
+    """
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches!r}")
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta, was_training = [m.momentum for m in norms], model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    model.train()
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i == batches:
+                break
+            model(x.to(device, non_blocking=True))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(norms)
+
+
 def _summarize(totals: torch.Tensor) -> dict[str, float]:
     loss_sum, correct, count = totals.tolist()
     count = max(count, 1.0)
