@@ -123,6 +123,21 @@ def test_yolo_command_runs_the_method_end_to_end(yolo_run):
 
 
 @pytest.mark.slow
+def test_the_run_writes_a_report_from_its_results(yolo_run):
+    ultralytics, out, results = yolo_run
+    page = (out / "report.html").read_text()
+    assert "<title>yolo: yolov8n.yaml on " in page and "DetectionModel" in page
+    assert f"<td>{results['params_before']:,}</td><td>{results['params_after']:,}</td>" in page
+    assert page.count('src="data:image/png;base64,') == 2  # mAP50-95 against MACs, per-layer widths
+    assert results["pruned_checkpoint_bytes"] == (out / "pruned.pt").stat().st_size
+    assert results["dense_checkpoint_bytes"] > results["pruned_checkpoint_bytes"]
+    pruned = dict(ultralytics.YOLO(str(out / "pruned.pt")).model.named_modules())
+    convs = {k: v for k, v in results["widths"].items() if isinstance(pruned.get(k), torch.nn.Conv2d)}
+    assert len(convs) > 50 and any(before > after for before, after in convs.values())
+    assert all(pruned[k].out_channels == after for k, (_, after) in convs.items())  # widths of the saved model
+
+
+@pytest.mark.slow
 def test_the_saved_checkpoints_load_predict_and_export_in_ultralytics(yolo_run):
     import numpy as np
     import torch_pruning as tp

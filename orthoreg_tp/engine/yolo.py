@@ -12,7 +12,8 @@ Steps (each in ultralytics' own machinery; the run folder keeps every phase's ul
 4. **Fine-tune** (``--finetune-epochs``) with ultralytics' plain trainer (``--distill``: its knowledge
    distillation from ``dense.pt``, when the installed ultralytics has ``distill_model=``). Saved as
    ``pruned.pt``, a checkpoint ``YOLO("pruned.pt")`` loads, predicts with and exports.
-5. **Validate** ``dense.pt`` and ``pruned.pt`` with ultralytics' validator; ``results.json`` and a table.
+5. **Validate** ``dense.pt`` and ``pruned.pt`` with ultralytics' validator; ``results.json``, a table and
+   ``report.html`` (:func:`orthoreg_tp.engine.html_report.write_yolo_report`).
 
 Example:
     >>> main(["yolo", "--model", "yolov8n.pt", "--data", "my.yaml", "--epochs", "50",
@@ -200,8 +201,10 @@ def run_yolo(config: YoloConfig) -> dict[str, Any]:
     after = _measure(model, config, pruned_path, "val_pruned", seconds, "validate_after")
     results = _results(config, task, before, after, report, used, seconds, dense_path, pruned_path)
     atomic_write_json(out / "results.json", results)
+    from .html_report import try_write_yolo_report
     from .records import print_safely
 
+    try_write_yolo_report(out, results)  # from results.json's content; a warning, never a failure
     print_safely(results_table(results))
     return results
 
@@ -407,9 +410,13 @@ def _results(config: YoloConfig, task: str, before: dict[str, Any], after: dict[
         out[f"params_{stage}"] = values["params"]
         out[f"macs_{stage}"] = values["macs"]
         out[f"metrics_{stage}"] = m
-    out.update(prune_ratio=report.ratio, target=report.target, frozen=list(report.frozen),
-               importance_batches_used=used, seconds={k: round(v, 2) for k, v in seconds.items()},
-               dense_checkpoint=str(dense), pruned_checkpoint=str(pruned), config=config.to_dict())
+    out.update(model_class=report.model_class, importance="OrthoRegImportance", prune_ratio=report.ratio,
+               target=report.target, channels_removed=report.channels_removed, frozen=list(report.frozen),
+               unused=list(report.unused), notes=list(report.spec.get("notes", ())), latency=report.latency,
+               widths={k: list(v) for k, v in report.widths.items()}, importance_batches_used=used,
+               seconds={k: round(v, 2) for k, v in seconds.items()}, dense_checkpoint=str(dense),
+               pruned_checkpoint=str(pruned), dense_checkpoint_bytes=dense.stat().st_size,
+               pruned_checkpoint_bytes=pruned.stat().st_size, config=config.to_dict())
     return out
 
 
