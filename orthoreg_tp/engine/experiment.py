@@ -95,15 +95,36 @@ class Experiment:
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
         self.record = RunRecord(cfg.output_dir)
-        if not cfg.resume and (self.record.checkpoint_path.exists() or self.record.results_path.exists()):
-            raise ValueError(f"output dir {cfg.output_dir!r} already holds a run; pass --resume to continue it "
-                             "or choose another --output-dir")
-        check_writable_dir(cfg.output_dir)
+        self._check_output_dir()
         resume_ckpt = self._read_checkpoint() if cfg.resume else None
         self.method = get_method(cfg.method)
         train_set, test_set, self.data_info = build_datasets(
             cfg.dataset, data_path=cfg.data_path, image_size=cfg.image_size, in_chans=cfg.in_chans,
             download=cfg.download)
+        self._init_runtime()
+        self._seed(0)
+        self._build_loaders(train_set, test_set)
+        start_history = self._init_model(resume_ckpt)
+        self.state: dict[str, Any] = {"stages_done": 0, "epoch_in_stage": 0, "global_epoch": 0, "history": [],
+                                      "remaining": 1.0, "rows": [], "last_prune": None, "extra": {}, "notes": {},
+                                      "start_history": start_history}
+        self._stage = 0
+        self._optimizer_state: dict | None = None
+        self._log_handler: logging.Handler | None = None
+        self.teacher: Teacher | None = None  # with --distill: the model before the first prune, frozen
+        self._start(resume_ckpt)
+        self._open_record()
+
+    def _check_output_dir(self) -> None:
+        cfg = self.cfg
+        if not cfg.resume and (self.record.checkpoint_path.exists() or self.record.results_path.exists()):
+            raise ValueError(f"output dir {cfg.output_dir!r} already holds a run; pass --resume to continue it "
+                             "or choose another --output-dir")
+        check_writable_dir(cfg.output_dir)
+
+    def _init_runtime(self) -> None:
+        """Threads, the (distributed) device, AMP and the per-process batch."""
+        cfg = self.cfg
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.env = init_distributed(cfg.device)
@@ -116,16 +137,20 @@ class Experiment:
         if cfg.batch_size % self.env.world_size:
             raise ValueError(f"batch_size is the total over {self.env.world_size} processes and must divide "
                              f"evenly, got {cfg.batch_size!r}")
-        batch = cfg.batch_size // self.env.world_size
-        self.latency_batch_size = batch  # latency budgets are timed at the batch each device trains with
+        self.latency_batch_size = cfg.batch_size // self.env.world_size  # latency is timed at the trained batch
         self._latency_reference: torch.nn.Module | None = None
-        self._seed(0)
+
+    def _build_loaders(self, train_set: Any, test_set: Any) -> None:
+        cfg, env, batch = self.cfg, self.env, self.latency_batch_size
         pin = self.device.type == "cuda"
         self.train_loader = DataLoader(train_set, batch_size=batch, num_workers=cfg.workers,
-                                       sampler=train_sampler(train_set, self.env, seed=cfg.seed), pin_memory=pin)
+                                       sampler=train_sampler(train_set, env, seed=cfg.seed), pin_memory=pin)
         self.test_loader = DataLoader(test_set, batch_size=max(256, batch), num_workers=cfg.workers,
-                                      sampler=ShardSampler(test_set, rank=self.env.rank,
-                                                           world_size=self.env.world_size), pin_memory=pin)
+                                      sampler=ShardSampler(test_set, rank=env.rank, world_size=env.world_size),
+                                      pin_memory=pin)
+
+    def _init_model(self, resume_ckpt: dict | None) -> list:
+        """The starting model, its dense cost and widths, and the importance; returns the start's history."""
         info = self.data_info
         self.example_inputs = torch.randn(1, info.in_chans, info.image_size, info.image_size, device=self.device)
         self.model, start_history = self._starting_model(resume_ckpt)
@@ -133,21 +158,18 @@ class Experiment:
         self.dense_macs, self.dense_params = count_macs_params(self.model, self.example_inputs)
         head = find_classifier(self.model)
         self._head_names = {n for n, m in self.model.named_modules() if head is not None and m is head}
-        self.importance = build_importance(self.method, self.dense_widths, seed=cfg.seed,
-                                           normalizer=cfg.normalizer)
-        self.state: dict[str, Any] = {"stages_done": 0, "epoch_in_stage": 0, "global_epoch": 0, "history": [],
-                                      "remaining": 1.0, "rows": [], "last_prune": None, "extra": {}, "notes": {},
-                                      "start_history": start_history}
-        self._stage = 0
-        self._optimizer_state: dict | None = None
-        self._log_handler: logging.Handler | None = None
-        self.teacher: Teacher | None = None  # with --distill: the model before the first prune, frozen
+        self.importance = build_importance(self.method, self.dense_widths, seed=self.cfg.seed,
+                                           normalizer=self.cfg.normalizer)
+        return start_history
+
+    def _start(self, resume_ckpt: dict | None) -> None:
+        """Load the checkpoint, or evaluate the starting model before any training or file."""
+        cfg = self.cfg
         if resume_ckpt is not None:
             self._load_checkpoint(resume_ckpt)
         else:
             if cfg.resume:
                 logger.info("--resume: no checkpoint in %s, starting a new run", cfg.output_dir)
-            # before any training (and before any file is written): how good is the starting model?
             self.notes["initial_test_acc"] = evaluate(self.model, self.test_loader, device=self.device,
                                                       amp=self.amp)["acc"]
             logger.info("starting model (%s): test accuracy %.2f", self._start_label(),
@@ -155,6 +177,10 @@ class Experiment:
         if cfg.resume and self.env.is_main:
             for stale in remove_stale_temporaries(cfg.output_dir):
                 logger.info("--resume: removed %s, left by an interrupted write", stale)
+
+    def _open_record(self) -> None:
+        """The run folder's log file and config.json (main process only), then the run's one-line summary."""
+        cfg, info = self.cfg, self.data_info
         if self.record.enabled:
             self.record.dir.mkdir(parents=True, exist_ok=True)
             self._log_handler = logging.FileHandler(self.record.dir / "log.txt")
