@@ -87,19 +87,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "phases": {"base": "0.05:8,0.005:2", "ortho": "0.02:1,0.002:1", "finetune": "0.01:2",
                    "between": "0.01:0", "eb_train": "0.05:3", "eb_retrain": "0.05:4,0.005:1"},
     },
-    "quick": {  # the whole pipeline once (one seed, 1,200 images, 5 base epochs): a plumbing check, not a result
+    "quick": {  # the whole pipeline once (one seed, 2,350 images, 7 base epochs): a plumbing check, not a result
         "device": "cpu", "workers": 2,
-        "eb_models": ["vgg13"], "width": 0.125, "train_images": 1200, "test_images": 600, "seeds": [0],
+        "eb_models": ["vgg13"], "width": 0.125, "train_images": 2350, "test_images": 1175, "seeds": [0],
         "batch_size": 64, "importance_samples": 500,
-        "phases": {"base": "0.02:4,0.002:1", "ortho": "0.02:1", "finetune": "0.01:1",
-                   "between": "0.01:0", "eb_train": "0.02:2", "eb_retrain": "0.02:2"},
+        "phases": {"base": "0.05:6,0.005:1", "ortho": "0.02:1", "finetune": "0.01:1",
+                   "between": "0.01:0", "eb_train": "0.05:2", "eb_retrain": "0.05:2"},
     },
     "gpu": {
         "device": "cuda", "workers": 1,
         "eb_models": list(MODELS), "width": 0.5, "train_images": None, "test_images": None, "seeds": [0, 1, 2],
         "batch_size": 128, "importance_samples": 10_000,  # the paper's
-        "phases": {"base": "0.02:30,0.002:10", "ortho": "0.02:8,0.002:2", "finetune": "0.01:8,0.001:2",
-                   "between": "0.01:0", "eb_train": "0.02:10", "eb_retrain": "0.02:30,0.002:10"},
+        "phases": {"base": "0.05:30,0.005:10", "ortho": "0.02:8,0.002:2", "finetune": "0.01:8,0.001:2",
+                   "between": "0.01:0", "eb_train": "0.05:10", "eb_retrain": "0.05:30,0.005:10"},
     },
     "smoke": {
         "device": "cpu", "workers": 1,
@@ -701,19 +701,33 @@ def report_markdown(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace,
     return "\n\n".join(sections)
 
 
+def ranking_words(normalizer: str) -> str:
+    if normalizer == "default":
+        return ("each criterion's scores as its library ranks them by default (orthoreg and fisher raw; taylor, l1 "
+                "and bn mean-normalized per group, torch-pruning's default)")
+    return "raw scores" if normalizer == "none" else f"scores normalized per group by their {normalizer}"
+
+
+def recal_words(batches: int) -> str:
+    return (f"after re-estimating the batch-norm statistics on {batches} training batches (no weight changes)"
+            if batches else "with the dense network's batch-norm statistics")
+
+
 def describe(args: argparse.Namespace) -> str:
     n_train = args.train_images or "all"
     n_test = args.test_images or "all"
     between = "no training between rounds" if LRSchedule.parse(args.between).total_epochs == 0 else \
         f"`{args.between}` more before each later round (regularized for orthoreg)"
     return (f"Models: VGG-13 (conv-ReLU-BN) and CIFAR ResNet-18 (BasicBlocks [2, 2, 2, 2]) at width x{args.width:g}; "
-            f"{n_train} training images (a fixed random subset), {n_test} test images (a fixed random subset); seeds "
+            f"{n_train} training images, {n_test} test images (fixed random subsets where not all); seeds "
             f"{args.seeds}; SGD momentum 0.9, batch {args.batch_size}, weight decay 1e-4 (0 with the regularizer, "
             f"lambda {args.coefficient:g}). Dense: `base` {args.base} shared, then `ortho` {args.ortho} plainly "
             f"(fisher, taylor, l1, bn, random share this model per seed) or regularized (orthoreg). Iterative: per "
-            f"round a MACs budget (at most dense / s), global ranking of raw scores with the per-layer floor "
-            f"(int(0.05 width) + 1), then fine-tune `{args.finetune}` (orthoreg with its regularizer), accuracy "
-            f"recorded; {between}. Importance from {args.importance_samples} training samples. Early-bird "
+            f"round a MACs budget (at most dense / s), global ranking of {ranking_words(args.normalizer)} with "
+            f"the per-layer floor (int({args.min_keep:g} width) + 1 channels kept), then fine-tune "
+            f"`{args.finetune}` (orthoreg with its regularizer), accuracy recorded; {between}. The accuracy "
+            f"right after a prune is measured {recal_words(args.bn_recal_batches)}. Importance from "
+            f"{args.importance_samples} training samples. Early-bird "
             f"({', '.join(args.eb_models)}): `{args.eb_train}` (regularized for orthoreg; fisher and bn share the "
             f"plain one), one prune by % of filters, ticket retrained `{args.eb_retrain}` plainly. n = seeds per "
             "cell (3 unless shown).")
