@@ -594,18 +594,7 @@ class RobustDependencyGraph(tp.DependencyGraph):
 
     def _walk_group(self, module: Any, pruning_fn: Callable[..., Any], idxs: list[int]) -> RobustGroup:
         """Walk the dependencies from ``pruning_fn(module, idxs)`` (each (layer, handler, index) once)."""
-        if module not in self.module2node:
-            raise ValueError(f"Module {module} is not in the dependency graph.")
-        if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
-            pruning_fn = function.prune_depthwise_conv_out_channels
-        if len(set(idxs)) != len(idxs):
-            idxs = list(dict.fromkeys(idxs))
-        bound = max(idxs) + 1 if idxs and min(idxs) >= 0 else math.inf
-        idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
-        if self._mapped_generation != self.generation:  # refresh offsets only after the model changed
-            self.update_index_mapping()
-            self._mapped_generation = self.generation
-
+        pruning_fn, idxs, bound = self._root_indices(module, pruning_fn, idxs)
         group = RobustGroup()
         root = self.module2node[module]
         root_dep = Dependency(pruning_fn, pruning_fn, source=root, target=root)
@@ -629,20 +618,8 @@ class RobustDependencyGraph(tp.DependencyGraph):
                 key = (new_dep.target, new_dep.handler)
                 if key not in widths:
                     widths[key] = self._width(new_dep)
-                width = widths[key]
-                known = propagated.get(key)
-                fresh_bound = bound
-                if known is None and new_idxs is dep_idxs and bound <= width:
-                    fresh = propagated[key] = new_idxs  # an identity edge into a new layer: all indices are new
-                else:
-                    if not isinstance(known, set):
-                        known = propagated[key] = {i.idx for i in known or ()}
-                    fresh = []
-                    for i in new_idxs:
-                        if i.idx not in known and 0 <= i.idx < width:
-                            known.add(i.idx)
-                            fresh.append(i)
-                    fresh_bound = width
+                fresh, fresh_bound = _fresh_indices(propagated, key, new_idxs, new_idxs is dep_idxs, bound,
+                                                    widths[key])
                 if fresh:
                     total += len(fresh)
                     if total > INDEX_BUDGET:
@@ -650,6 +627,21 @@ class RobustDependencyGraph(tp.DependencyGraph):
                     group.add_dep(new_dep, fresh)
                     stack.append((new_dep, fresh, fresh_bound))
         return self._merged(group)
+
+    def _root_indices(self, module: Any, pruning_fn: Callable[..., Any],
+                      idxs: list[int]) -> tuple[Callable[..., Any], list[Any], float]:
+        """The root's handler and distinct indices (as hybrid indices) with their bound; index offsets refreshed."""
+        if module not in self.module2node:
+            raise ValueError(f"Module {module} is not in the dependency graph.")
+        if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
+            pruning_fn = function.prune_depthwise_conv_out_channels
+        if len(set(idxs)) != len(idxs):
+            idxs = list(dict.fromkeys(idxs))
+        bound = max(idxs) + 1 if idxs and min(idxs) >= 0 else math.inf
+        if self._mapped_generation != self.generation:  # refresh offsets only after the model changed
+            self.update_index_mapping()
+            self._mapped_generation = self.generation
+        return pruning_fn, [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs], bound
 
     def _merged(self, group: RobustGroup) -> RobustGroup:
         """One item per (layer, handler), ignored parameters dropped, plain and root indices split.
@@ -749,6 +741,27 @@ def _map_edge(src: Any, dst: Any, mapping: Callable[[bool], Any]) -> None:
         for dep in a.dependencies:
             if dep.target is b:
                 dep.index_mapping[0] = mapping(reverse)
+
+
+def _fresh_indices(propagated: dict[tuple[Any, Any], Any], key: tuple[Any, Any], new_idxs: list[Any],
+                   identity: bool, bound: float, width: int) -> tuple[list[Any], float]:
+    """The indices of ``new_idxs`` not yet reached at ``key`` (and inside its width), and their bound.
+
+    An identity edge into a layer reached for the first time passes its list on uncopied when the bound shows
+    every index fits; otherwise the layer's reached indices become a set and each index is checked.
+    """
+    known = propagated.get(key)
+    if known is None and identity and bound <= width:
+        propagated[key] = new_idxs
+        return new_idxs, bound
+    if not isinstance(known, set):
+        known = propagated[key] = {i.idx for i in known or ()}
+    fresh = []
+    for i in new_idxs:
+        if i.idx not in known and 0 <= i.idx < width:
+            known.add(i.idx)
+            fresh.append(i)
+    return fresh, width
 
 
 def _edge_mappings(dep: Any) -> list[Any]:
