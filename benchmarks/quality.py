@@ -63,6 +63,10 @@ logger = logging.getLogger("quality")
 
 METHODS = ("orthoreg", "fisher", "taylor", "l1", "bn", "random")
 EB_METHODS = ("orthoreg", "fisher", "bn")
+# the same criterion ranked another way: "NAME-NORMALIZER" (e.g. orthoreg-mean: OrthoReg's scores mean-normalized
+# per group before the global ranking, whatever --normalizer says)
+VARIANTS: dict[str, tuple[str, str]] = {f"{m}-mean": (m, "mean") for m in ("orthoreg", "fisher")}
+CHOICES = (*METHODS, *VARIANTS)
 MODELS = ("vgg13", "resnet18")
 # How each criterion's scores are ranked across layers when --normalizer is "default": as its library does out of
 # the box (the project's loss-based importances raw, torch-pruning's magnitude, BN and Taylor ones mean-normalized
@@ -124,11 +128,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-images", type=int, default=None, help="training subset size (preset; 0: all)")
     g.add_argument("--test-images", type=int, default=None, help="test subset size (preset; 0: all)")
     g = p.add_argument_group("protocol")
-    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=CHOICES,
+                   help="criteria (variants: orthoreg-mean, fisher-mean rank mean-normalized scores)")
     g.add_argument("--speedups", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="MACs speed-ups, rising")
     g.add_argument("--eb-models", nargs="*", default=None, choices=MODELS,
                    help="models of the early-bird tickets (preset; the authors' table is a ResNet's)")
-    g.add_argument("--eb-methods", nargs="*", default=list(EB_METHODS), choices=METHODS)
+    g.add_argument("--eb-methods", nargs="*", default=list(EB_METHODS), choices=CHOICES)
     g.add_argument("--eb-percents", type=float, nargs="*", default=[25.0, 50.0, 75.0], help="%% filters removed")
     g.add_argument("--seeds", type=int, nargs="+", default=None)
     g.add_argument("--batch-size", type=int, default=None)
@@ -210,8 +215,16 @@ def build_net(name: str, *, width: float, num_classes: int, in_chans: int = 3) -
     raise ValueError(f"unknown model, got {name!r}; choose one of {list(MODELS)}")
 
 
+def criterion(method_name: str) -> Any:
+    """The engine's method behind a criterion name (a variant's base method)."""
+    return get_method(VARIANTS.get(method_name, (method_name,))[0])
+
+
 def normalizer_of(method_name: str, choice: str) -> str | None:
-    """The per-group normalizer a criterion ranks with: its library default for ``"default"``, none for ``"none"``."""
+    """The per-group normalizer a criterion ranks with: a variant's own; else its library default for
+    ``"default"``, none for ``"none"``."""
+    if method_name in VARIANTS:
+        return VARIANTS[method_name][1]
     if choice == "default":
         return DEFAULT_NORMALIZERS[method_name]
     return None if choice == "none" else choice
@@ -282,7 +295,7 @@ class Bench:
 
     def importance(self, method_name: str, model: nn.Module, *, seed: int) -> Any:
         """The criterion behind the per-layer floor, normalized as ``--normalizer`` says."""
-        return build_importance(get_method(method_name), layer_widths(model), seed=seed,
+        return build_importance(criterion(method_name), layer_widths(model), seed=seed,
                                 min_keep_ratio=self.args.min_keep,
                                 normalizer=normalizer_of(method_name, self.args.normalizer))
 
@@ -304,7 +317,7 @@ class Bench:
     def prune_step(self, model: nn.Module, method_name: str, importance: Any, *, seed: int,
                    macs_fraction: float | None = None, ratio: float | None = None) -> float:
         """Feed the importance, prune in place (the one pruning path); return the channels removed."""
-        method = get_method(method_name)
+        method = criterion(method_name)
         feed_importance_(method, importance, model, self.score_loader, num_samples=self.args.importance_samples,
                          progress=False)
         if macs_fraction is None:
@@ -406,7 +419,7 @@ def run_iterative(bench: Bench, dense: nn.Module, method_name: str, *, seed: int
     """
     torch.manual_seed(seed)
     model = copy.deepcopy(dense)
-    method = get_method(method_name)
+    method = criterion(method_name)
     importance = bench.importance(method_name, model, seed=seed)
     dense_macs, dense_params = bench.cost(model)
     rounds: list[dict[str, Any]] = []
@@ -437,7 +450,7 @@ def iterative_task(bench: Bench, records: Records, cache: Path, name: str, seed:
     dense = dense_models(bench, records, cache, name, seed)
     for method_name in todo:
         start = time.perf_counter()
-        family = "orthoreg" if get_method(method_name).regularized else "plain"
+        family = "orthoreg" if criterion(method_name).regularized else "plain"
         result = run_iterative(bench, dense[family], method_name, seed=seed)
         records.add({"key": run_key("iterative", name, seed, method_name), "kind": "iterative", "model": name,
                      "seed": seed, "method": method_name, **result, "seconds": time.perf_counter() - start})
@@ -470,7 +483,7 @@ def earlybird_task(bench: Bench, records: Records, cache: Path, name: str, seed:
             if run_key("earlybird", name, seed, m, f"{q:g}") not in done]
     shorts: dict[bool, nn.Module] = {}
     for method_name, percent in todo:
-        regularized = get_method(method_name).regularized
+        regularized = criterion(method_name).regularized
         if regularized not in shorts:  # short training, shared by the plain criteria (fisher, bn)
             tag = f"{name}-s{seed}-eb{'orthoreg' if regularized else 'plain'}"
             shorts[regularized] = cached_model(bench, cache, name, tag, lambda r=regularized: trained(
@@ -562,7 +575,7 @@ def iterative_table(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace,
     header = ["method", "dense acc %"] + [f"{s:g}x acc % (achieved)" for s in args.speedups]
     body = []
     for method in args.methods:
-        family = "orthoreg" if get_method(method).regularized else "plain"
+        family = "orthoreg" if criterion(method).regularized else "plain"
         line = [method, mean_std([r["accuracy"] for r in _pick(rows, kind="dense", model=name, family=family)])]
         for s in args.speedups:
             got = _pick(rows, kind="iterative", model=name, method=method, target_speedup=s)

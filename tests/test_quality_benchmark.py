@@ -108,6 +108,10 @@ def test_quality_normalizers_follow_each_library_default():
     assert tp.importance.TaylorImportance().normalizer == quality.normalizer_of("taylor", "default")
     assert quality.normalizer_of("orthoreg", "default") is None and quality.normalizer_of("fisher", "default") is None
     assert quality.normalizer_of("orthoreg", "mean") == "mean" and quality.normalizer_of("l1", "none") is None
+    # variants rank the same scores mean-normalized, whatever --normalizer says, and keep the base's training
+    assert quality.normalizer_of("orthoreg-mean", "none") == "mean" == quality.normalizer_of("fisher-mean", "default")
+    assert quality.criterion("orthoreg-mean").regularized and not quality.criterion("fisher-mean").regularized
+    assert quality.criterion("fisher-mean").name == "fisher"
 
 
 @pytest.mark.parametrize("option, value", [("--min-keep", "1.0"), ("--bn-recal-batches", "-1")])
