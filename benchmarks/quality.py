@@ -600,6 +600,29 @@ def earlybird_table(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace,
     return markdown_table(header, body)
 
 
+def filter_correlations(args: argparse.Namespace) -> list[str]:
+    """Mean ``|cos|`` between the filters of a layer in the cached dense models, plain against regularized."""
+    from orthoreg_tp.diagnostics import correlation_report
+
+    lines = []
+    for name in args.models:
+        means = {}
+        for family in ("plain", "orthoreg"):
+            paths = [cache_dir(args) / f"{name}-s{seed}-{family}.pt" for seed in args.seeds]
+            values = []
+            for path in (p for p in paths if p.exists()):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                classes = next(v.shape[0] for v in reversed(state.values()) if v.ndim == 2)  # the classifier's
+                model = build_net(name, width=args.width, num_classes=classes)
+                model.load_state_dict(state)
+                values.append(statistics.mean(r.correlation for r in correlation_report(model)))
+            if values:
+                means[family] = statistics.mean(values)
+        if len(means) == 2:
+            lines.append(f"- {name}: plain {means['plain']:.3f}, after the OrthoReg epochs {means['orthoreg']:.3f}")
+    return lines
+
+
 def orthoreg_gaps(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> list[str]:
     """Per model and speed-up: the best criterion by mean accuracy, and orthoreg's rank and gap to it."""
     lines = []
@@ -701,6 +724,10 @@ def report_markdown(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace,
         if name in args.eb_models:
             sections += [f"#### {name}: early-bird tickets (test accuracy % after retraining; ticket MACs "
                          "speed-up)", earlybird_table(rows, args, name)]
+    correlations = filter_correlations(args)
+    if correlations:
+        sections += ["#### Filter correlation of the dense models (mean |cos| between a layer's filters, averaged over "
+                     "layers and seeds; 0 = orthogonal)", "\n".join(correlations)]
     gaps = orthoreg_gaps(rows, args)
     if gaps:
         sections += ["#### Where orthoreg stands (mean accuracy after the fine-tune)", "\n".join(gaps)]
