@@ -767,10 +767,16 @@ def describe(args: argparse.Namespace) -> str:
             f"the per-layer floor (int({args.min_keep:g} width) + 1 channels kept), then fine-tune "
             f"`{args.finetune}` (orthoreg with its regularizer), accuracy recorded; {between}. The accuracy "
             f"right after a prune is measured {recal_words(args.bn_recal_batches)}. Importance from "
-            f"{args.importance_samples} training samples. Early-bird "
-            f"({', '.join(args.eb_models)}): `{args.eb_train}` (regularized for orthoreg; fisher and bn share the "
-            f"plain one), one prune by % of filters, ticket retrained `{args.eb_retrain}` plainly. n = seeds per "
-            "cell (3 unless shown).")
+            f"{args.importance_samples} training samples. {earlybird_words(args)}n = seeds per cell (3 unless "
+            "shown).")
+
+
+def earlybird_words(args: argparse.Namespace) -> str:
+    if not args.eb_models:
+        return ""
+    return (f"Early-bird ({', '.join(args.eb_models)}): `{args.eb_train}` (regularized for orthoreg; the plain "
+            f"criteria share the plain one), one prune by % of filters, ticket retrained `{args.eb_retrain}` "
+            "plainly. ")
 
 
 # ---------------------------------------------------------------------------------------------- main
