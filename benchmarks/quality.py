@@ -91,12 +91,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "phases": {"base": "0.05:8,0.005:2", "ortho": "0.02:1,0.002:1", "finetune": "0.01:2",
                    "between": "0.01:0", "eb_train": "0.05:3", "eb_retrain": "0.05:4,0.005:1"},
     },
-    "quick": {  # the whole pipeline once (one seed, 2,350 images, 7 base epochs): a plumbing check, not a result
+    "quick": {  # the whole pipeline once: one seed, all training images, shorter schedules; a check, not a result
         "device": "cpu", "workers": 2,
-        "eb_models": ["vgg13"], "width": 0.125, "train_images": 2350, "test_images": 1175, "seeds": [0],
+        "eb_models": ["vgg13"], "width": 0.125, "train_images": None, "test_images": 1175, "seeds": [0],
         "batch_size": 64, "importance_samples": 500,
-        "phases": {"base": "0.05:6,0.005:1", "ortho": "0.02:1", "finetune": "0.01:1",
-                   "between": "0.01:0", "eb_train": "0.05:2", "eb_retrain": "0.05:2"},
+        "phases": {"base": "0.05:7,0.005:1", "ortho": "0.02:1", "finetune": "0.01:1",
+                   "between": "0.01:0", "eb_train": "0.05:2", "eb_retrain": "0.05:3"},
     },
     "gpu": {
         "device": "cuda", "workers": 1,
