@@ -63,7 +63,7 @@ class CharsStyle:
 
     Example:
         >>> CharsStyle().to_dict()["rotation_deg"]
-        15.0
+        20.0
     """
 
     glyph_size: tuple[float, float] = (0.6, 0.95)  # em size of the font
