@@ -137,21 +137,11 @@ def test_build_pruner_drives_yolo_by_hand():
 @pytest.mark.slow
 def test_pruned_yolo_fine_tunes_with_the_ultralytics_trainer(tmp_path, monkeypatch):
     """The documented fine-tuning lines: a trainer handed the pruned module trains it and saves it pruned."""
-    import numpy as np
-    from PIL import Image
+    from conftest import write_yolo_dataset
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     monkeypatch.chdir(tmp_path)
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (tmp_path / "images" / split).mkdir(parents=True)
-        (tmp_path / "labels" / split).mkdir(parents=True)
-        for i in range(4):
-            pixels = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "images" / split / f"{i}.jpg")
-            (tmp_path / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n")
-    data = tmp_path / "data.yaml"
-    data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: thing\n")
+    data = write_yolo_dataset(tmp_path)
 
     yolo = _yolo("yolov8n.yaml")
     prune(yolo.model, X, ratio=0.5, importance=tp.importance.MagnitudeImportance())
