@@ -92,6 +92,16 @@ def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None 
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def pairs_table(values: Mapping[str, Any], left: str = "key", right: str = "value") -> str:
+    """A two-column table of a mapping: one row per item.
+
+    Example:
+        >>> pairs_table({'seed': 0}, 'option').count('<tr>')  # a header row and one row per item
+        2
+    """
+    return html_table([{left: k, right: v} for k, v in values.items()])
+
+
 def png_image(png: bytes, *, alt: str) -> str:
     """An ``<img>`` with the PNG embedded as a base64 data URI.
 
@@ -250,9 +260,9 @@ def run_report_sections(results: Mapping[str, Any], *, config: Mapping[str, Any]
         sections.append(("training", png_image(_training_curve(epochs), alt="training curve")))
     notes = {k: v for k, v in results.items() if k != "rows"}
     if notes:
-        sections.append(("run", html_table([{"key": k, "value": v} for k, v in notes.items()])))
+        sections.append(("run", pairs_table(notes)))
     if config:
-        sections.append(("configuration", html_table([{"option": k, "value": v} for k, v in config.items()])))
+        sections.append(("configuration", pairs_table(config, "option")))
     return sections
 
 
@@ -294,7 +304,7 @@ def sensitivity_sections(result: Any, *, max_loss_delta: float | None = None) ->
     if max_loss_delta is not None:
         ratios = result.layer_ratios(max_loss_delta=max_loss_delta, by_name=True)
         sections.append((f"per-layer ratios within a loss change of {max_loss_delta:g}",
-                         html_table([{"root layer": k, "ratio": v} for k, v in ratios.items()])))
+                         pairs_table(ratios, "root layer", "ratio")))
     sections.append(("every group and level", html_table(rows_for_table(result.rows))))
     return sections
 
@@ -316,7 +326,7 @@ def write_sensitivity_report(path: str | os.PathLike, result: Any, *, title: str
     """
     sections = sensitivity_sections(result, max_loss_delta=max_loss_delta)
     if context:
-        sections.insert(0, ("analysis", html_table([{"key": k, "value": v} for k, v in context.items()])))
+        sections.insert(0, ("analysis", pairs_table(context)))
     subtitle = (f"{result.importance} ranking, {result.num_samples} samples, levels "
                 f"{', '.join(f'{v:g}' for v in result.levels)}, {result.seconds:.1f} s")
     return _write(path, html_document(title or f"sensitivity: {result.model_class}", sections, subtitle=subtitle))
@@ -410,14 +420,12 @@ def yolo_report_sections(results: Mapping[str, Any]) -> list[tuple[str, str]]:
         sections.append(("per-layer widths before and after", widths))
     sections.append(("prune settings", html_table(_yolo_prune_settings(results))))
     if results.get("seconds"):
-        sections.append(("seconds per step", html_table([{"step": k, "seconds": v}
-                                                         for k, v in results["seconds"].items()])))
+        sections.append(("seconds per step", pairs_table(results["seconds"], "step", "seconds")))
     files = {k: v for k, v in results.items() if k.endswith("_checkpoint") or k in ("task", "model_class")}
     if files:
-        sections.append(("run", html_table([{"key": k, "value": v} for k, v in files.items()])))
+        sections.append(("run", pairs_table(files)))
     if results.get("config"):
-        sections.append(("configuration", html_table([{"option": k, "value": v}
-                                                      for k, v in results["config"].items()])))
+        sections.append(("configuration", pairs_table(results["config"], "option")))
     return sections
 
 
